@@ -1,0 +1,120 @@
+"""Atomic checkpoints and the resume guard.
+
+``DIR/checkpoints/step_000002/`` is written under a temporary name and renamed into place, then
+``DIR/checkpoints/latest`` is replaced atomically: a kill at any moment leaves the previous
+checkpoint whole. ``state.json`` holds everything besides the weights: step, config hash and
+the config it hashes, corpus cursor, RNG states and the byte offsets of the JSONL outputs (a
+resumed run cuts them back, so records match an uninterrupted run exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pop_nemo.config import Config
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _guarded(cfg: Config) -> dict[str, Any]:
+    d = cfg.to_dict()
+    return {
+        "task": d["task"],
+        "seed": d["seed"],
+        "model": d["model"],
+        "corpus": d["corpus"],
+        "roles": d["roles"],
+        "algo": d["algo"],
+        "rollout.n": d["rollout"]["n"],
+        "rollout.docs_per_step": d["rollout"]["docs_per_step"],
+    }
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+class Checkpointer:
+    def __init__(self, root: Path, cfg: Config, keep: int = 2):
+        self.root, self.cfg, self.keep = Path(root), cfg, keep
+
+    def latest(self) -> Checkpoint | None:
+        marker = self.root / "latest"
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        state_file = path / "state.json"
+        if not state_file.is_file():
+            raise ResumeError(f"{marker} points at {path}, which has no state.json; the checkpoint folder was damaged")
+        return Checkpoint(path, json.loads(state_file.read_text()))
+
+    def check_compatible(self, ckpt: Checkpoint) -> None:
+        """Refuse a checkpoint of another model or of a config that changes what training means."""
+        saved, now = ckpt.state.get("guarded", {}), _guarded(self.cfg)
+        diffs = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diffs[:4])
+            raise ResumeError(
+                f"cannot resume from {ckpt.path}: it was made with a different config ({detail}). "
+                "Use another --output-dir, or --fresh to discard it."
+            )
+
+    def save(self, step: int, policy, extra: dict[str, Any]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"step_{step:06d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        policy.save(tmp / "policy")
+        state = {"step": step, "config_hash": self.cfg.training_hash(), "guarded": _guarded(self.cfg), **extra}
+        (tmp / "state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(self.root / "latest", name)
+        self._prune(name)
+        return final
+
+    def _prune(self, current: str) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for p in done[: max(len(done) - self.keep, 0)]:
+            if p.name != current:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)

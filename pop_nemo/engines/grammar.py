@@ -1,0 +1,52 @@
+"""xgrammar glue for engines that mask logits themselves (the HF engine).
+
+TRT-LLM and vLLM take a :class:`~pop_nemo.engines.base.Guide` spec directly and run the same
+xgrammar inside, so a guide means the same thing on every backend.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import xgrammar as xgr
+
+from pop_nemo.engines.base import Guide
+
+# Compact separators: fewer tokens, and one canonical form for every engine.
+JSON_SEPARATORS = (",", ":")
+
+
+class GrammarCache:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
+        self._cache: dict[Guide, xgr.CompiledGrammar] = {}
+        self._lock = threading.Lock()
+
+    def compile(self, guide: Guide) -> xgr.CompiledGrammar:
+        with self._lock:
+            got = self._cache.get(guide)
+            if got is None:
+                if guide.kind == "json_schema":
+                    got = self.compiler.compile_json_schema(guide.spec, any_whitespace=False, separators=JSON_SEPARATORS)
+                elif guide.kind == "ebnf":
+                    got = self.compiler.compile_grammar(guide.spec)
+                elif guide.kind == "regex":
+                    got = self.compiler.compile_regex(guide.spec)
+                else:
+                    raise ValueError(f"unknown guide kind {guide.kind!r}")
+                self._cache[guide] = got
+            return got
+
+    def matcher(self, guide: Guide) -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(self.compile(guide))
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        return xgr.allocate_token_bitmask(rows, self.info.vocab_size)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set disallowed tokens of ``rows`` of ``logits`` to -inf, in place."""
+    if rows:
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)

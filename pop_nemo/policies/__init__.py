@@ -1,0 +1,1 @@
+"""Trainable policies behind one protocol (see base.py)."""

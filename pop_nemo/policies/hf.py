@@ -1,0 +1,125 @@
+"""The HF policy: a transformers causal LM trained with AdamW on CPU or one GPU.
+
+Holds the frozen reference model too (KL, and the rubric writer / judge by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pop_nemo.policies.base import LossFn, TokenBatch, token_logprobs, warmup_cosine
+
+
+class HFPolicy:
+    def __init__(
+        self,
+        model,
+        reference,
+        tokenizer,
+        lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: float = 1.0,
+        micro_batch_size: int = 4,
+        bf16_autocast: bool = False,
+        gradient_checkpointing: bool = False,
+    ):
+        self.model, self.reference, self.tokenizer = model, reference, tokenizer
+        if reference is not None:
+            reference.eval().requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.bf16_autocast = bf16_autocast
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas, weight_decay=weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps, min_lr_ratio)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self):
+        if not self.bf16_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _forward_logprobs(self, model, mb: TokenBatch) -> torch.Tensor:
+        dev = self.device
+        with self._autocast():
+            logits = model(input_ids=mb.input_ids.to(dev), attention_mask=mb.attention_mask.to(dev)).logits
+        return token_logprobs(logits, mb.input_ids.to(dev))
+
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("this policy has no reference model")
+        was = model.training
+        model.eval()
+        try:
+            return torch.cat([self._forward_logprobs(model, mb).cpu() for mb in batch.micro_batches(self.micro_batch_size)])
+        finally:
+            model.train(was)
+
+    def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for mb in batch.micro_batches(self.micro_batch_size):
+            lp = self._forward_logprobs(self.model, mb)
+            loss, metrics = loss_fn(lp, mb)
+            loss.backward()
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {**totals, "grad_norm": float(grad_norm), "lr": lr}
+
+    def engine_weights(self) -> Any:
+        return self.model  # colocated HF engine shares the module: refit is free
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path / "model")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            path / "optimizer.pt",
+        )
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        files = sorted((path / "model").glob("*.safetensors"))
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(f))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # Tied embeddings are saved once; anything else missing means a different model.
+        missing = [m for m in missing if not m.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+    def export_hf(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / "pop_nemo.json").write_text(json.dumps({"exported_by": "pop_nemo"}))

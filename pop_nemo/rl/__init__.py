@@ -1,0 +1,1 @@
+"""RL math (advantages, losses), the online loop, pairing and DPO."""

@@ -1,0 +1,231 @@
+"""The online POP loop: self-play with the current policy every step, then a GRPO/RLOO update.
+
+Reads top to bottom. It speaks only to the Engine, Critic and Policy protocols; which classes
+stand behind them is decided by config in ``pop_nemo.build``.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pop_nemo import build
+from pop_nemo.checkpoint import Checkpointer, ResumeError, rng_state, set_rng_state
+from pop_nemo.config import Config
+from pop_nemo.logging import RunLogger, console, summary_line
+from pop_nemo.models import resolve_model_path
+from pop_nemo.policies.base import TokenBatch
+from pop_nemo.rl.advantages import compute_advantages
+from pop_nemo.rl.losses import LossConfig, kl_shaped_rewards, normalizer, policy_loss
+from pop_nemo.selfplay.roles import get_task
+from pop_nemo.selfplay.stage import Example, SelfPlay
+
+
+@dataclass
+class Samples:
+    """The step's solver answers that enter training, flattened, with explicit group ids."""
+
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    rewards: torch.Tensor
+    group_ids: list[int]
+    valid: torch.Tensor  # False: masked (failed judge or invalid rubric), out of loss and baseline
+
+
+def collect(examples: list[Example], format_reward: float) -> Samples:
+    """Rewards and masks by DESIGN §2: bad format → ``format_reward`` (kept in the group);
+    failed judge → masked; invalid rubric → the whole group masked."""
+    prompts, completions, rewards, gids, valid = [], [], [], [], []
+    for e in examples:
+        for a in e.answers:
+            prompts.append(a.completion.prompt_ids)
+            completions.append(a.completion.token_ids)
+            gids.append(e.group_id)
+            if not e.rubric_valid:
+                rewards.append(0.0)
+                valid.append(False)
+            elif a.answer is None:
+                rewards.append(format_reward)
+                valid.append(True)
+            elif a.judgement is None or not a.judgement.valid:
+                rewards.append(0.0)
+                valid.append(False)
+            else:
+                rewards.append(float(a.judgement.reward))
+                valid.append(True)
+    return Samples(prompts, completions, torch.tensor(rewards), gids, torch.tensor(valid, dtype=torch.bool))
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def selfplay_metrics(examples: list[Example], samples: Samples) -> dict[str, Any]:
+    answers = [a for e in examples for a in e.answers]
+    judged = [a for a in answers if a.judgement is not None]
+    valid_r = samples.rewards[samples.valid]
+    return {
+        "num_docs": len(examples),
+        "num_samples": len(answers),
+        "num_train_samples": int(samples.valid.sum()),
+        "proposer_valid_rate": _rate(sum(e.proposer_valid for e in examples), len(examples)),
+        "proposer_attempts_mean": sum(e.proposer_attempts for e in examples) / max(len(examples), 1),
+        "rubric_valid_rate": _rate(sum(e.rubric_valid for e in examples), sum(e.proposer_valid for e in examples)),
+        "solver_format_valid_rate": _rate(sum(a.format_valid for a in answers), len(answers)),
+        "judge_valid_rate": _rate(sum(a.judgement.valid for a in judged), len(judged)),
+        "judge_timeouts": sum(a.judgement.timed_out for a in judged),
+        "reward_mean": float(valid_r.mean()) if valid_r.numel() else None,
+        "reward_std": float(valid_r.std(unbiased=False)) if valid_r.numel() else None,
+        "response_len_mean": sum(len(a.completion.token_ids) for a in answers) / max(len(answers), 1),
+    }
+
+
+def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Path:
+    out = Path(cfg.output_dir)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Everything that can be wrong with the inputs fails here, before any model loads.
+    task = get_task(cfg.task)
+    corpus = build.build_corpus(cfg)
+    model_path = resolve_model_path(cfg.model.path)
+    if fresh:
+        for name in ("checkpoints", "metrics.jsonl", "records.jsonl", "tb"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    ckpt = Checkpointer(out / "checkpoints", cfg, keep=cfg.trainer.keep_checkpoints)
+    resume = ckpt.latest()
+    if resume is not None:
+        ckpt.check_compatible(resume)
+    elif require_resume:
+        raise ResumeError(f"--resume was given but {out / 'checkpoints'} holds no checkpoint")
+    console.print(f"[bold]pop-nemo train[/] task={cfg.task} model={cfg.model.path} corpus={cfg.corpus.source} ({len(corpus)} docs) → {out}")
+
+    backends = build.build_backends(cfg, model_path)
+    policy, policy_engine = backends.policy, backends.policy_engine
+    pick = {"policy": policy_engine, "reference": backends.reference_engine}
+    critic = build.build_critic(cfg, backends)
+    selfplay = SelfPlay(
+        task,
+        proposer=pick[cfg.roles.proposer],
+        solver=policy_engine,
+        critic=critic,
+        proposer_sampling=build.sampling(cfg.rollout.proposer),
+        solver_sampling=build.sampling(cfg.rollout.solver),
+        n=cfg.rollout.n,
+        proposer_retries=cfg.rollout.proposer_retries,
+        solver_resample=cfg.rollout.solver_resample,
+        limits=build.guide_limits(cfg),
+        seed=cfg.seed,
+        answer_fallback=cfg.algo.answer_fallback,
+    )
+    a = cfg.algo
+    loss_cfg = LossConfig(clip_eps=a.clip_eps, kl_coef=a.kl_coef, kl_mode=a.kl_mode, aggregation=a.aggregation)
+    logger = RunLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+
+    start = 0
+    if resume is not None:
+        policy.load(resume.path / "policy")
+        policy_engine.update_weights(policy.engine_weights())
+        corpus.load_state_dict(resume.state["corpus"])
+        set_rng_state(resume.state["rng"])
+        logger.truncate(resume.state["offsets"])
+        start = resume.step
+        console.print(f"resumed from {resume.path} (step {start})")
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(), console=console, disable=not cfg.logging.progress, transient=True,
+    )
+    with progress:
+        bar = progress.add_task("self-play", total=cfg.trainer.max_steps, completed=start)
+        for step in range(start, cfg.trainer.max_steps):
+            t_step = time.perf_counter()
+            tokens_before = _generated_tokens(backends)
+
+            # 1. Self-play with the current policy: propose → solve ×N → rubric → judge.
+            progress.update(bar, description=f"step {step + 1}: self-play")
+            docs = corpus.take(cfg.rollout.docs_per_step)
+            examples, stats = selfplay.run(docs, step, first_group_id=step * cfg.rollout.docs_per_step)
+            samples = collect(examples, a.format_reward)
+            metrics: dict[str, Any] = {"step": step + 1, **selfplay_metrics(examples, samples)}
+
+            # 2. Advantages and the policy update, on the samples that are not masked.
+            progress.update(bar, description=f"step {step + 1}: update")
+            t_train = time.perf_counter()
+            keep = samples.valid.nonzero(as_tuple=True)[0].tolist()
+            if keep:
+                batch = TokenBatch.from_sequences(
+                    [samples.prompts[i] for i in keep], [samples.completions[i] for i in keep], policy_engine.pad_id
+                )
+                old_lp = policy.logprobs(batch)
+                ref_lp = policy.logprobs(batch, reference=True) if a.kl_mode != "none" else None
+                rewards = samples.rewards.clone()
+                if a.kl_mode == "reward_shaping" and ref_lp is not None:
+                    rewards[keep] = kl_shaped_rewards(rewards[keep], old_lp, ref_lp, batch.loss_mask, a.kl_coef)
+                adv = compute_advantages(
+                    rewards, samples.group_ids, samples.valid, a.advantage, a.normalize_std, a.eps, a.degenerate_std
+                )
+                batch.extras = {"advantages": adv.values[keep], "old_logprobs": old_lp}
+                if ref_lp is not None:
+                    batch.extras["ref_logprobs"] = ref_lp
+                norm = normalizer(batch.loss_mask, a.aggregation)
+
+                def loss_fn(lp: torch.Tensor, mb: TokenBatch):
+                    return policy_loss(
+                        lp, mb.extras["old_logprobs"], mb.extras["advantages"], mb.loss_mask, loss_cfg,
+                        mb.extras.get("ref_logprobs"), norm,
+                    )
+
+                metrics.update(policy.train_step(batch, loss_fn))
+                metrics["degenerate_group_rate"] = adv.degenerate_rate
+                metrics["num_groups"] = adv.num_groups
+                metrics["train_tokens"] = int(batch.attention_mask.sum())
+                policy_engine.update_weights(policy.engine_weights())
+            else:
+                console.print(f"[yellow]step {step + 1}: no trainable sample (all masked); weights unchanged")
+                metrics.update({"loss": None, "kl": None, "degenerate_group_rate": None})
+            t_end = time.perf_counter()
+
+            gen_tokens = _generated_tokens(backends) - tokens_before
+            rollout_s = sum(stats.seconds.values())
+            metrics.update({f"time_{k}": v for k, v in stats.seconds.items()})
+            metrics.update(
+                {
+                    "time_train": t_end - t_train,
+                    "time_step": t_end - t_step,
+                    "generated_tokens": gen_tokens,
+                    "tokens_per_s": gen_tokens / rollout_s if rollout_s > 0 else None,
+                    "train_tokens_per_s": metrics.get("train_tokens", 0) / (t_end - t_train) if keep else None,
+                }
+            )
+
+            # 3. Outputs, then an atomic checkpoint that records how far they go.
+            records = [e.to_record(step=step + 1, model=cfg.model.path) for e in examples]
+            logger.log(step + 1, metrics, records)
+            console.print(summary_line(metrics))
+            if (step + 1) % cfg.trainer.save_every == 0 or step + 1 == cfg.trainer.max_steps:
+                ckpt.save(
+                    step + 1,
+                    policy,
+                    {"corpus": corpus.state_dict(), "rng": rng_state(), "offsets": logger.offsets()},
+                )
+            progress.update(bar, advance=1)
+    logger.close()
+    console.print(f"done: {cfg.trainer.max_steps} steps; outputs in {out}")
+    return out
+
+
+def _generated_tokens(backends: build.Backends) -> int:
+    engines = {id(e): e for e in (backends.policy_engine, backends.reference_engine)}
+    return sum(getattr(e, "stats", {}).get("generated_tokens", 0) for e in engines.values())

@@ -1,0 +1,1 @@
+"""Self-play: roles (prompts and parsers), rubric scoring, batched stages, records."""

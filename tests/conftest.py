@@ -1,0 +1,66 @@
+"""Shared fixtures: the real bundled model (converted once per machine) and run helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "conf" / "tiny.yaml"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """SmolLM2-135M-Instruct as an HF folder (converted from the bundled GGUF on first use)."""
+    from pop_nemo.models import resolve_model_path
+
+    return resolve_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from pop_nemo.models import load_tokenizer
+
+    return load_tokenizer(model_path)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    """A shared, never-trained copy: tests must not modify its weights."""
+    from pop_nemo.models import load_causal_lm
+
+    return load_causal_lm(model_path).eval()
+
+
+@pytest.fixture(scope="session")
+def engine(hf_model, tokenizer):
+    from pop_nemo.engines.hf import HFEngine
+
+    return HFEngine(hf_model, tokenizer, max_batch=8)
+
+
+def run_cli(*args: str, timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``pop-nemo`` as a user would (a real process), from the repo root."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pop_nemo.cli", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pop-nemo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
