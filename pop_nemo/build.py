@@ -99,7 +99,9 @@ def build_critic(cfg: Config, backends: Backends) -> Critic:
     if cfg.critic.url:
         from pop_nemo.critic.client import CriticClient
 
-        return CriticClient(cfg.critic.url, timeout_s=cfg.critic.timeout_s, startup_timeout_s=cfg.critic.startup_timeout_s)
+        return CriticClient(
+            cfg.critic.url, timeout_s=cfg.critic.timeout_s, startup_timeout_s=cfg.critic.startup_timeout_s
+        )
     from pop_nemo.critic.local import LocalCritic
 
     pick = {"policy": backends.policy_engine, "reference": backends.reference_engine}

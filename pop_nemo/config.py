@@ -134,6 +134,51 @@ class LoggingConfig:
     progress: bool = True
 
 
+# ---- sections owned by later features (offline recipe, evaluation, Megatron backend) ----
+
+
+@dataclass
+class OfflineConfig:
+    """``pop-nemo synthesize`` and ``pop-nemo pairs`` (the paper's recipe)."""
+
+    num_documents: int = 8
+    best_of_n: int = 32
+    std_threshold: float = 0.001
+    max_length_diff_words: int = 100
+    shuffle_seed: int = 42
+
+
+@dataclass
+class DPOConfig:
+    """``pop-nemo dpo`` (paper: β 0.01, lr 1e-6 cosine, warmup 0.1, 1 epoch, batch 16)."""
+
+    beta: float = 0.01
+    lr: float = 1e-6
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    batch_size: int = 16
+    micro_batch_size: int = 1
+    max_length: int = 6144
+    max_prompt_length: int = 1024
+    eval_fraction: float = 0.04
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (``pop-nemo eval`` and every ``every_steps`` in the online loop)."""
+
+    every_steps: int = 0  # 0 = never during training
+
+
+@dataclass
+class MegatronConfig:
+    """``policy.backend=megatron``: parallel layout."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
 @dataclass
 class Config:
     task: str = "health_care"
@@ -148,6 +193,10 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,7 +336,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(msg)
 
     need(cfg.task in TASKS, f"task={cfg.task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
-    need(cfg.rollout.n >= 2, f"rollout.n={cfg.rollout.n}: a group needs at least 2 answers for a baseline; set rollout.n>=2")
+    need(
+        cfg.rollout.n >= 2,
+        f"rollout.n={cfg.rollout.n}: a group needs at least 2 answers for a baseline; set rollout.n>=2",
+    )
     need(cfg.rollout.docs_per_step >= 1, "rollout.docs_per_step must be >= 1")
     need(cfg.rollout.max_batch >= 1, "rollout.max_batch must be >= 1")
     need(cfg.rollout.proposer_retries >= 1, "rollout.proposer_retries must be >= 1 (1 = no retry)")

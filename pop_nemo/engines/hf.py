@@ -9,9 +9,9 @@ Finished rows are dropped from the cache, so short judge answers do not pay for 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -165,7 +165,9 @@ class HFEngine:
             toks = out_ids[b]
             text_ids = toks[:-1] if finish[b] == "stop" and toks and toks[-1] in self.eos_ids else toks
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-            comps.append(Completion(text=text, token_ids=toks, logprobs=out_lp[b], prompt_ids=r.prompt, finish_reason=finish[b]))
+            comps.append(
+                Completion(text=text, token_ids=toks, logprobs=out_lp[b], prompt_ids=r.prompt, finish_reason=finish[b])
+            )
             self.stats["generated_tokens"] += len(toks)
             self.stats["prompt_tokens"] += len(r.prompt)
         return comps

@@ -8,9 +8,10 @@ Token tensors are right-padded ``[B, T]``; ``logprobs[:, t] = log p(x_t | x_<t)`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -25,17 +26,19 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: slice | torch.Tensor) -> "TokenBatch":
+    def select(self, idx: slice | torch.Tensor) -> TokenBatch:
         return TokenBatch(
             **{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "extras"},
             extras={k: v[idx] for k, v in self.extras.items()},
         )
 
-    def micro_batches(self, size: int) -> list["TokenBatch"]:
+    def micro_batches(self, size: int) -> list[TokenBatch]:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
     @staticmethod
-    def from_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> "TokenBatch":
+    def from_sequences(
+        prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+    ) -> TokenBatch:
         """Right-pad ``prompt + completion``; only completion tokens are in the loss mask."""
         width = max(len(p) + len(c) for p, c in zip(prompts, completions))
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

@@ -70,7 +70,9 @@ class HFPolicy:
         was = model.training
         model.eval()
         try:
-            return torch.cat([self._forward_logprobs(model, mb).cpu() for mb in batch.micro_batches(self.micro_batch_size)])
+            return torch.cat(
+                [self._forward_logprobs(model, mb).cpu() for mb in batch.micro_batches(self.micro_batch_size)]
+            )
         finally:
             model.train(was)
 
@@ -113,7 +115,9 @@ class HFPolicy:
         # Tied embeddings are saved once; anything else missing means a different model.
         missing = [m for m in missing if not m.endswith("lm_head.weight")]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise RuntimeError(
+                f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])

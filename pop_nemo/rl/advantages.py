@@ -7,8 +7,9 @@ std < ``degenerate_std``, is degenerate: all its advantages are 0, and it is cou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 

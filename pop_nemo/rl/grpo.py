@@ -108,7 +108,9 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
         ckpt.check_compatible(resume)
     elif require_resume:
         raise ResumeError(f"--resume was given but {out / 'checkpoints'} holds no checkpoint")
-    console.print(f"[bold]pop-nemo train[/] task={cfg.task} model={cfg.model.path} corpus={cfg.corpus.source} ({len(corpus)} docs) → {out}")
+    console.print(
+        f"[bold]pop-nemo train[/] task={cfg.task} model={cfg.model.path} corpus={cfg.corpus.source} ({len(corpus)} docs) → {out}"
+    )
 
     backends = build.build_backends(cfg, model_path)
     policy, policy_engine = backends.policy, backends.policy_engine
@@ -144,8 +146,13 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
         console.print(f"resumed from {resume.path} (step {start})")
 
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(), console=console, disable=not cfg.logging.progress, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not cfg.logging.progress,
+        transient=True,
     )
     with progress:
         bar = progress.add_task("self-play", total=cfg.trainer.max_steps, completed=start)
@@ -181,10 +188,15 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
                     batch.extras["ref_logprobs"] = ref_lp
                 norm = normalizer(batch.loss_mask, a.aggregation)
 
-                def loss_fn(lp: torch.Tensor, mb: TokenBatch):
+                def loss_fn(lp: torch.Tensor, mb: TokenBatch, norm: float = norm):
                     return policy_loss(
-                        lp, mb.extras["old_logprobs"], mb.extras["advantages"], mb.loss_mask, loss_cfg,
-                        mb.extras.get("ref_logprobs"), norm,
+                        lp,
+                        mb.extras["old_logprobs"],
+                        mb.extras["advantages"],
+                        mb.loss_mask,
+                        loss_cfg,
+                        mb.extras.get("ref_logprobs"),
+                        norm,
                     )
 
                 metrics.update(policy.train_step(batch, loss_fn))

@@ -95,7 +95,9 @@ class Task:
 TASKS: dict[str, Task] = {
     "health_care": Task("health_care", _HEALTH_PROPOSER, "knowledge", _HEALTH_SOLVER, writing=False),
     "creative_writing": Task("creative_writing", _WRITING_PROPOSER, "text_sample", _GENERAL_SOLVER, writing=True),
-    "instruction_following": Task("instruction_following", _GENERAL_PROPOSER, "knowledge", _GENERAL_SOLVER, writing=False),
+    "instruction_following": Task(
+        "instruction_following", _GENERAL_PROPOSER, "knowledge", _GENERAL_SOLVER, writing=False
+    ),
 }
 
 

@@ -120,7 +120,12 @@ class SelfPlay:
     def run(self, docs: list[Document], step: int, first_group_id: int = 0) -> tuple[list[Example], StageStats]:
         stats = StageStats()
         examples = [Example(first_group_id + i, d) for i, d in enumerate(docs)]
-        for name, fn in (("propose", self.propose), ("solve", self.solve), ("rubric", self.rubric), ("judge", self.judge)):
+        for name, fn in (
+            ("propose", self.propose),
+            ("solve", self.solve),
+            ("rubric", self.rubric),
+            ("judge", self.judge),
+        ):
             t = time.perf_counter()
             stats.generated_tokens[name] = fn(examples, step)
             stats.seconds[name] = time.perf_counter() - t
@@ -162,7 +167,11 @@ class SelfPlay:
             if call == 0:
                 todo = [e for e in examples if e.proposer_valid]
             else:  # the paper re-samples while at most n//4 answers are valid
-                todo = [e for e in examples if e.proposer_valid and sum(a.answer is not None for a in e.answers) <= self.n // 4]
+                todo = [
+                    e
+                    for e in examples
+                    if e.proposer_valid and sum(a.answer is not None for a in e.answers) <= self.n // 4
+                ]
             if not todo:
                 break
             reqs = [

@@ -1,0 +1,1 @@
+"""Subcommands of ``pop-nemo``: each module here defines ``register(subparsers)``."""
