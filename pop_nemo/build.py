@@ -14,9 +14,32 @@ from pop_nemo.selfplay import roles
 DOMAINS_BY_TASK = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
 
 
+def guide_budget_warnings(cfg: Config) -> list[str]:
+    """Guided outputs always parse only if max_new_tokens covers the grammar's longest output."""
+    lim = guide_limits(cfg)
+    if lim is None:
+        return []
+    r = cfg.rollout
+    checks = [
+        ("proposer", r.proposer.max_new_tokens, lim.proposer_chars()),
+        ("rubric", r.rubric.max_new_tokens, lim.rubric_chars()),
+        ("judge", r.judge.max_new_tokens, lim.judge_chars(lim.max_criteria)),
+    ]
+    return [
+        f"rollout.{role}.max_new_tokens={have} is below the guide's worst case ({need} characters); "
+        f"a long {role} output can be cut and fail to parse. Raise it or lower rollout.guide limits."
+        for role, have, need in checks
+        if have < need
+    ]
+
+
 def build_corpus(cfg: Config, rank: int = 0, world_size: int = 1, exclude_ids: set[str] | None = None) -> Corpus:
     c = cfg.corpus
     domains = c.domains if c.domains is not None else (DOMAINS_BY_TASK[cfg.task] if c.source == "mini" else None)
+    if exclude_ids is None:  # training never samples the held-out eval documents (pop_nemo.eval.heldout)
+        from pop_nemo.eval.heldout import heldout_ids
+
+        exclude_ids = heldout_ids(cfg)
     return Corpus(
         source=c.source,
         text_field=c.text_field,
@@ -49,6 +72,7 @@ def guide_limits(cfg: Config) -> roles.GuideLimits | None:
         gold_chars=g.gold_chars,
         description_chars=g.description_chars,
         thoughts_chars=g.thoughts_chars,
+        max_criteria=g.max_criteria,
     )
 
 
@@ -61,11 +85,11 @@ class Backends:
 
 
 def build_backends(cfg: Config, model_path: str) -> Backends:
+    check_rollout_backend(cfg)
+    if cfg.policy.backend == "megatron":
+        return _build_megatron(cfg, model_path)
     if cfg.policy.backend != "hf":
         raise ConfigError(f"policy.backend={cfg.policy.backend!r} is not available in this build; use 'hf'")
-    if cfg.rollout.backend != "hf":
-        raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not available in this build; use 'hf'")
-    from pop_nemo.engines.hf import HFEngine
     from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer
     from pop_nemo.policies.hf import HFPolicy
 
@@ -90,8 +114,122 @@ def build_backends(cfg: Config, model_path: str) -> Backends:
         bf16_autocast=p.bf16_autocast,
         gradient_checkpointing=p.gradient_checkpointing,
     )
-    policy_engine = HFEngine(model, tok, max_batch=cfg.rollout.max_batch, seed=cfg.seed)
-    reference_engine = HFEngine(reference, tok, max_batch=cfg.rollout.max_batch, seed=cfg.seed + 1)
+    policy_engine, reference_engine = rollout_engines(cfg, model_path, tok, model, reference)
+    return Backends(policy, policy_engine, reference_engine, tok)
+
+
+def check_rollout_backend(cfg: Config) -> None:
+    """Fail before any model loads when the rollout backend cannot run here."""
+    if cfg.rollout.backend == "trtllm":
+        from pop_nemo.engines.trtllm import tensorrt_llm_available
+
+        if not tensorrt_llm_available():
+            raise ConfigError(
+                "rollout.backend=trtllm needs TensorRT-LLM, which ships in the NGC image built by "
+                "containers/Dockerfile (it is not on PyPI as a wheel); here use rollout.backend=hf or openai"
+            )
+
+
+def make_trtllm_engine(cfg: Config, model_path: str, tokenizer, name: str = "policy") -> Engine:
+    """A TensorRT-LLM engine with ``rollout.trtllm`` settings (also for the critic server)."""
+    from pathlib import Path
+
+    from pop_nemo.engines.trtllm import TRTLLMEngine
+
+    t = cfg.rollout.trtllm
+    return TRTLLMEngine(
+        model_path,
+        tokenizer,
+        tensor_parallel_size=t.tensor_parallel_size,
+        dtype=t.dtype,
+        max_batch_size=t.max_batch_size,
+        max_seq_len=t.max_seq_len,
+        max_num_tokens=t.max_num_tokens,
+        kv_cache_fraction=t.kv_cache_fraction,
+        enable_sleep=t.enable_sleep,
+        sleep_tags=t.sleep_tags,
+        refit=t.refit,
+        orchestrator=t.orchestrator,
+        refit_bucket_mb=t.refit_bucket_mb,
+        export_dir=str(Path(cfg.output_dir) / "trtllm" / name),
+        json_guides=t.json_guides,
+    )
+
+
+def make_openai_engine(cfg: Config, tokenizer=None) -> Engine:
+    """The ``rollout.openai`` endpoint as an Engine, once it answers (bounded wait)."""
+    from pop_nemo.engines.openai import OpenAIEngine
+
+    o = cfg.rollout.openai
+    engine = OpenAIEngine.from_env(
+        o.url or "",
+        o.model,
+        o.api_key_env,
+        guide_format=o.guide_format,
+        timeout_s=o.timeout_s,
+        max_concurrency=o.max_concurrency,
+        max_retries=o.max_retries,
+        tokenizer=tokenizer,
+    )
+    engine.wait_ready(o.startup_timeout_s)
+    return engine
+
+
+def rollout_engines(cfg: Config, model_path: str, tokenizer, policy_model=None, reference_model=None):
+    """(policy engine, reference engine) for ``rollout.backend``.
+
+    ``hf``: in-process engines (over ``policy_model``, which the HF policy trains in place, and
+    ``reference_model``; loaded from ``model_path`` when not given). ``trtllm``: two TensorRT-LLM
+    engines, the policy's refit every step. ``openai``: the frozen reference roles on the
+    endpoint; the policy engine stays in-process (an endpoint cannot be refit)."""
+    from pop_nemo.engines.hf import HFEngine
+    from pop_nemo.models import fix_special_tokens, load_causal_lm
+
+    def hf(model, offset: int) -> Engine:
+        if model is None:
+            model = load_causal_lm(model_path, cfg.model.dtype)
+            fix_special_tokens(tokenizer, model)
+        return HFEngine(model, tokenizer, max_batch=cfg.rollout.max_batch, seed=cfg.seed + offset)
+
+    backend = cfg.rollout.backend
+    if backend == "trtllm":
+        return make_trtllm_engine(cfg, model_path, tokenizer), make_trtllm_engine(
+            cfg, model_path, tokenizer, "reference"
+        )
+    policy_engine = hf(policy_model, 0)
+    if backend == "openai":
+        return policy_engine, make_openai_engine(cfg, tokenizer)
+    return policy_engine, hf(reference_model, 1)
+
+
+def _build_megatron(cfg: Config, model_path: str) -> Backends:
+    """Megatron policy (TP/PP/DP from ``cfg.megatron``); rollout engines refit from its weights."""
+    from pop_nemo.models import load_tokenizer
+    from pop_nemo.policies.megatron import MegatronPolicy
+
+    tok = load_tokenizer(model_path)
+    p, m = cfg.policy, cfg.megatron
+    policy = MegatronPolicy(
+        model_path,
+        tok,
+        lr=p.lr,
+        total_steps=cfg.trainer.max_steps,
+        warmup_steps=p.warmup_steps,
+        min_lr_ratio=p.min_lr_ratio,
+        weight_decay=p.weight_decay,
+        betas=(p.betas[0], p.betas[1]),
+        max_grad_norm=p.max_grad_norm,
+        micro_batch_size=p.micro_batch_size,
+        tensor_model_parallel_size=m.tensor_model_parallel_size,
+        pipeline_model_parallel_size=m.pipeline_model_parallel_size,
+        bf16=m.bf16,
+        sequence_parallel=m.sequence_parallel,
+        use_distributed_optimizer=m.use_distributed_optimizer,
+        activation_recompute=m.activation_recompute or p.gradient_checkpointing,
+        with_reference=m.reference and cfg.algo.kl_mode != "none",
+        seed=cfg.seed,
+    )
+    policy_engine, reference_engine = rollout_engines(cfg, model_path, tok)
     return Backends(policy, policy_engine, reference_engine, tok)
 
 

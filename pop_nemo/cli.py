@@ -45,4 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m pop_nemo.cli`: run the package module's main, whose UserError is the class commands raise.
+    from pop_nemo.cli import main as package_main
+
+    sys.exit(package_main())

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class GuideConfig:
     gold_chars: int = 120
     description_chars: int = 240
     thoughts_chars: int = 160
+    max_criteria: int = 5  # at most 5 (the paper's rubric size)
 
 
 @dataclass
@@ -69,6 +71,39 @@ class RolesConfig:
 
 
 @dataclass
+class TRTLLMConfig:
+    """``rollout.backend=trtllm``: TensorRT-LLM LLM API engines (GPU; see pop_nemo.engines.trtllm)."""
+
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
+    max_num_tokens: int | None = None
+    kv_cache_fraction: float = 0.4  # of free GPU memory, per engine (policy and reference each have one)
+    enable_sleep: bool = True  # release the KV cache while the colocated trainer runs
+    sleep_tags: list[str] = field(default_factory=lambda: ["kv_cache"])
+    refit: Literal["auto", "ipc", "reload"] = "auto"  # auto: CUDA IPC, else reload an exported folder
+    orchestrator: Literal["ray", "mpi"] = "ray"  # ray: the worker extension that refits in place
+    refit_bucket_mb: int = 1024
+    json_guides: Literal["ebnf", "json"] = "ebnf"  # ebnf: the HF engine's exact JSON grammar
+
+
+@dataclass
+class OpenAIRolloutConfig:
+    """``rollout.backend=openai``: the frozen reference roles on an OpenAI-compatible server
+    (trtllm-serve, vLLM, ``pop-nemo serve-openai``); the trained policy stays in-process."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    model: str = "default"  # the served model name
+    api_key_env: str | None = None
+    guide_format: Literal["json_schema", "trtllm", "vllm", "none"] = "json_schema"
+    timeout_s: float = 600.0
+    max_concurrency: int = 64
+    max_retries: int = 5
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
 class RolloutConfig:
     backend: Literal["hf", "trtllm", "openai"] = "hf"
     docs_per_step: int = 2
@@ -76,11 +111,13 @@ class RolloutConfig:
     proposer_retries: int = 5
     solver_resample: int = 0  # extra solver calls while <= n//4 answers are valid (paper: 5 offline)
     max_batch: int = 16
-    proposer: RoleSampling = field(default_factory=lambda: RoleSampling(1.0, 1.0, 512))
-    solver: RoleSampling = field(default_factory=lambda: RoleSampling(1.0, 1.0, 256))
-    rubric: RoleSampling = field(default_factory=lambda: RoleSampling(0.0, 1.0, 768))
-    judge: RoleSampling = field(default_factory=lambda: RoleSampling(0.0, 1.0, 512))
+    proposer: RoleSampling = field(default_factory=lambda: RoleSampling(1.0, 1.0, 840))
+    solver: RoleSampling = field(default_factory=lambda: RoleSampling(1.0, 1.0, 1024))
+    rubric: RoleSampling = field(default_factory=lambda: RoleSampling(0.0, 1.0, 2450))
+    judge: RoleSampling = field(default_factory=lambda: RoleSampling(0.0, 1.0, 1350))
     guide: GuideConfig = field(default_factory=GuideConfig)
+    trtllm: TRTLLMConfig = field(default_factory=TRTLLMConfig)
+    openai: OpenAIRolloutConfig = field(default_factory=OpenAIRolloutConfig)
 
 
 @dataclass
@@ -139,44 +176,210 @@ class LoggingConfig:
 
 @dataclass
 class OfflineConfig:
-    """``pop-nemo synthesize`` and ``pop-nemo pairs`` (the paper's recipe)."""
+    """``pop-nemo synthesize`` and ``pop-nemo pairs`` (the paper's recipe, DESIGN §2).
 
-    num_documents: int = 8
+    Synthesis samples with ``rollout.{proposer,solver,rubric,judge}`` (temperatures, token
+    limits), ``rollout.guide`` and ``rollout.max_batch``; the group size and retry counts below
+    are the paper's and replace ``rollout.n`` / ``rollout.solver_resample`` for synthesis.
+    """
+
+    @dataclass
+    class Teacher:
+        """Roles played through an OpenAI-compatible endpoint (a teacher model such as
+        gpt-4o-mini, or the policy itself served by vLLM / trtllm-serve)."""
+
+        url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+        model: str = "gpt-4o-mini-2024-07-18"
+        roles: list[str] = field(default_factory=list)  # any of: proposer, solver, rubric, judge
+        api_key_env: str | None = "OPENAI_API_KEY"  # read from the environment; never stored
+        # How guides travel: 'json_schema' (OpenAI response_format; EBNF/regex guides are not
+        # sent), 'trtllm' (response_format json/ebnf/regex), 'vllm' (guided_json/guided_grammar/
+        # guided_regex), 'none'.
+        guide_format: Literal["json_schema", "trtllm", "vllm", "none"] = "json_schema"
+        timeout_s: float = 600.0
+        max_concurrency: int = 16
+        max_retries: int = 5
+
+    # synthesize
+    num_documents: int = 8  # one problem per document, in the corpus' deterministic order
+    chunk_size: int = 64  # documents per batched self-play call and per committed append
+    n: int = 32  # solver samples per problem (paper: 32)
+    proposer_retries: int = 5  # proposer attempts until problem and reference parse (paper: 5)
+    solver_resample: int = 5  # extra solver calls while <= n//4 answers are valid (paper: 5)
+    # Ablations (paper flags): proposer_knowledge=false is --use_knowledge 0 (the proposer, and so the
+    # rubric writer, get "None" for the document); rubric_knowledge=false is --no_know_in_rubric (the
+    # rubric writer gets "None" for the document and the reference answer).
+    proposer_knowledge: bool = True
+    rubric_knowledge: bool = True
+    # pointwise: rubric score per answer in [0, 2] (the paper's runs). median_anchor: each answer against
+    # the median-length answer, both orders, score = mean(r_i - r_anchor) in [-10, 10]. pairwise: round
+    # robin, both orders, score = win rate in [0, 1].
+    scoring: Literal["pointwise", "median_anchor", "pairwise"] = "pointwise"
+    teacher: Teacher = field(default_factory=Teacher)
+    # pairs
     best_of_n: int = 32
     std_threshold: float = 0.001
     max_length_diff_words: int = 100
+    # 'whitespace' = str.split() (DESIGN §2); 'space' = str.split(" ") (the paper's code)
+    length_words: Literal["whitespace", "space"] = "whitespace"
     shuffle_seed: int = 42
+    max_pairs: int = 100000
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.num_documents >= 1, "offline.num_documents must be >= 1")
+        need(self.chunk_size >= 1, "offline.chunk_size must be >= 1")
+        need(self.n >= 2, f"offline.n={self.n}: pairs need at least 2 answers per problem; set offline.n>=2")
+        need(self.proposer_retries >= 1, "offline.proposer_retries must be >= 1 (1 = no retry)")
+        need(self.solver_resample >= 0, "offline.solver_resample must be >= 0")
+        need(self.best_of_n >= 2, "offline.best_of_n must be >= 2")
+        need(self.std_threshold >= 0, "offline.std_threshold must be >= 0")
+        need(self.max_length_diff_words >= 0, "offline.max_length_diff_words must be >= 0")
+        need(self.max_pairs >= 1, "offline.max_pairs must be >= 1")
+        bad = sorted(set(self.teacher.roles) - {"proposer", "solver", "rubric", "judge"})
+        need(not bad, f"offline.teacher.roles has unknown roles {bad}; use any of proposer, solver, rubric, judge")
+        need(
+            not self.teacher.roles or bool(self.teacher.url),
+            f"offline.teacher.roles={self.teacher.roles} needs offline.teacher.url (an OpenAI-compatible /v1 endpoint)",
+        )
+        need(self.teacher.max_concurrency >= 1, "offline.teacher.max_concurrency must be >= 1")
 
 
 @dataclass
 class DPOConfig:
-    """``pop-nemo dpo`` (paper: β 0.01, lr 1e-6 cosine, warmup 0.1, 1 epoch, batch 16)."""
+    """``pop-nemo dpo`` (paper: sigmoid loss, β 0.01, lr 1e-6 cosine, warmup 0.1, 1 epoch, batch 16,
+    max length 6144 / prompt 1024, 4% held out). Optimizer settings (betas, weight decay, grad norm,
+    autocast, checkpointing) and the backend come from ``policy``."""
 
     beta: float = 0.01
     lr: float = 1e-6
     warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (transformers' schedule: 0)
     epochs: int = 1
-    batch_size: int = 16
-    micro_batch_size: int = 1
-    max_length: int = 6144
-    max_prompt_length: int = 1024
-    eval_fraction: float = 0.04
+    batch_size: int = 16  # pairs per optimizer step (effective batch)
+    micro_batch_size: int = 1  # pairs per forward/backward (gradient accumulation)
+    eval_batch_size: int = 2
+    max_length: int = 6144  # prompt + completion tokens
+    max_prompt_length: int = 1024  # the prompt keeps its last tokens
+    eval_fraction: float = 0.04  # held out, evaluated at the end (datasets' train_test_split)
     seed: int = 42
+    save_every: int = 50  # optimizer steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    max_steps: int | None = None  # stop early after this many optimizer steps (resume continues)
+    export: bool = True  # write DIR/final_model (an HF folder: model + tokenizer) at the end
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.beta > 0, "dpo.beta must be > 0")
+        need(self.lr > 0, "dpo.lr must be > 0")
+        need(0 <= self.warmup_ratio < 1, "dpo.warmup_ratio must be in [0, 1)")
+        need(0 <= self.min_lr_ratio <= 1, "dpo.min_lr_ratio must be in [0, 1]")
+        need(self.epochs >= 1, "dpo.epochs must be >= 1")
+        need(self.micro_batch_size >= 1, "dpo.micro_batch_size must be >= 1")
+        need(
+            self.batch_size >= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
+            f"dpo.batch_size={self.batch_size} must be a multiple of dpo.micro_batch_size={self.micro_batch_size}",
+        )
+        need(self.eval_batch_size >= 1, "dpo.eval_batch_size must be >= 1")
+        need(
+            1 <= self.max_prompt_length < self.max_length,
+            "dpo.max_prompt_length must be >= 1 and below dpo.max_length",
+        )
+        need(0 <= self.eval_fraction < 1, "dpo.eval_fraction must be in [0, 1)")
+        need(self.save_every >= 1, "dpo.save_every must be >= 1")
+        need(self.keep_checkpoints >= 1, "dpo.keep_checkpoints must be >= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "dpo.max_steps must be >= 1 (or null)")
 
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (``pop-nemo eval`` and every ``every_steps`` in the online loop)."""
+    """Held-out evaluation (``pop-nemo eval`` and every ``every_steps`` in the online loop).
+
+    Problems and rubrics are written once by the reference model (``model.path``) and cached
+    under ``cache_dir``, keyed by a hash of that model and of every setting that shapes them.
+    """
 
     every_steps: int = 0  # 0 = never during training
+    # Held-out split: a document is held out when hash(split_salt, doc id) < heldout_fraction.
+    # Training (online and offline) never samples these documents.
+    heldout_fraction: float = 0.1
+    split_salt: str = "pop-nemo-heldout"
+    num_documents: int = 32  # held-out documents evaluated (0 = skip the held-out self-play eval)
+    rubric_answers: int = 4  # reference-model answers shown to the rubric writer
+    rubric_max_new_tokens: int | None = None  # None = rollout.rubric.max_new_tokens
+    judge_max_new_tokens: int | None = None  # None = rollout.judge.max_new_tokens
+    greedy: bool = True  # one greedy answer per problem
+    samples: int = 4  # sampled answers per problem (0 = none)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # evaluated answers; None = rollout.solver.max_new_tokens
+    seed: int = 0
+    bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    confidence: float = 0.95
+    cache_dir: str | None = None  # None = $POP_NEMO_CACHE/eval (default ~/.cache/pop_nemo/eval)
+    # Rubric benchmark in HealthBench format: a JSONL path, 'example' (the bundled tiny file), or null.
+    healthbench: str | None = None
+    healthbench_limit: int | None = None  # first N conversations
+    healthbench_max_new_tokens: int = 512  # the evaluated model's reply
+    grader_max_new_tokens: int = 256
+    grader_explanation_chars: int = 300
+    judge_model: str | None = None  # HealthBench grader: HF folder or hub id; None = model.path
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.every_steps >= 0, "eval.every_steps must be >= 0 (0 = never during training)"),
+            (0 <= self.heldout_fraction < 1, "eval.heldout_fraction must be in [0, 1)"),
+            (self.num_documents >= 0, "eval.num_documents must be >= 0"),
+            (self.rubric_answers >= 1, "eval.rubric_answers must be >= 1 (the rubric writer needs an answer)"),
+            (self.samples >= 0, "eval.samples must be >= 0"),
+            (self.greedy or self.samples > 0, "eval.greedy=false and eval.samples=0 leave nothing to evaluate"),
+            (self.temperature > 0, "eval.temperature must be > 0 (greedy answers come from eval.greedy)"),
+            (0 < self.top_p <= 1, "eval.top_p must be in (0, 1]"),
+            (self.bootstrap >= 100, "eval.bootstrap must be >= 100 resamples"),
+            (0.5 <= self.confidence < 1, "eval.confidence must be in [0.5, 1), e.g. 0.95"),
+            (self.healthbench_limit is None or self.healthbench_limit >= 1, "eval.healthbench_limit must be >= 1"),
+            (self.healthbench_max_new_tokens >= 1, "eval.healthbench_max_new_tokens must be >= 1"),
+            (self.grader_max_new_tokens >= 1, "eval.grader_max_new_tokens must be >= 1"),
+            (self.grader_explanation_chars >= 1, "eval.grader_explanation_chars must be >= 1"),
+        ]
+        for key in ("rubric_max_new_tokens", "judge_max_new_tokens", "max_new_tokens"):
+            v = getattr(self, key)
+            checks.append((v is None or v >= 1, f"eval.{key} must be >= 1 or null"))
+        if self.healthbench not in (None, "example") and not Path(self.healthbench).expanduser().is_file():
+            checks.append((False, f"eval.healthbench={self.healthbench!r} is not a file (or use 'example')"))
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
 
 
 @dataclass
 class MegatronConfig:
-    """``policy.backend=megatron``: parallel layout."""
+    """``policy.backend=megatron``: parallel layout and precision (docs/MEMORY.md has the sizing).
+
+    Data parallelism is what is left: ``world_size / (TP × PP)``. ``policy.*`` (lr, schedule,
+    clip, micro_batch_size) applies as for the HF policy.
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    bf16: bool = False  # bf16 weights and activations, fp32 master weights/grads in the optimizer
+    sequence_parallel: bool = False  # needs TP > 1 and Transformer Engine (GPU)
+    use_distributed_optimizer: bool | None = None  # shard Adam state over DP; None = on with CUDA
+    activation_recompute: bool = False  # full recompute of each layer in backward
+    reference: bool = True  # keep a frozen reference GPTModel (needed unless algo.kl_mode=none)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"megatron.{name} must be >= 1")
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise ConfigError("megatron.sequence_parallel needs megatron.tensor_model_parallel_size >= 2")
 
 
 @dataclass
@@ -268,6 +471,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -302,6 +508,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is float:
+        # PyYAML (YAML 1.1) reads `1e-5` (no dot) as a string; accept it as the number it is.
+        if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
@@ -355,9 +564,14 @@ def validate(cfg: Config) -> Config:
     need(len(cfg.policy.betas) == 2, "policy.betas must be two numbers, e.g. [0.9, 0.999]")
     need(0 <= cfg.algo.clip_eps < 1, "algo.clip_eps must be in [0, 1)")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
+    need(1 <= cfg.rollout.guide.max_criteria <= 5, "rollout.guide.max_criteria must be in 1..5")
     need(cfg.corpus.min_words >= 0 and cfg.corpus.max_words >= 1, "corpus.min_words >= 0 and corpus.max_words >= 1")
-    if cfg.rollout.backend != "hf" and cfg.policy.backend == "hf":
-        pass  # an HF policy can feed any engine through export_hf
+    if cfg.rollout.backend == "openai":
+        need(bool(cfg.rollout.openai.url), "rollout.backend=openai needs rollout.openai.url (e.g. http://host:8000/v1)")
+    t = cfg.rollout.trtllm
+    need(t.tensor_parallel_size >= 1, "rollout.trtllm.tensor_parallel_size must be >= 1")
+    need(0 < t.kv_cache_fraction < 1, "rollout.trtllm.kv_cache_fraction must be in (0, 1)")
+    need(t.refit_bucket_mb >= 1, "rollout.trtllm.refit_bucket_mb must be >= 1")
     return cfg
 
 

@@ -35,19 +35,32 @@ def truncate_words(text: str, max_words: int) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+    """JSON Lines; a ``.json`` file may also hold one JSON array of objects (as HF's json loader reads)."""
     try:
-        with path.open("r", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path} is not UTF-8 text (byte {e.start}); convert it with `iconv -t utf-8`") from None
-    return rows
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        numbered = list(enumerate(items, 1))
+        where = "item"
+    else:
+        numbered = []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+            if not line.strip():
+                continue
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        where = "line"
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise CorpusError(f"{path}: {where} {n} is not a JSON object with a text field")
+    return [row for _, row in numbered]
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ COMPONENTS = [
     ("megatron-core", "megatron.core", False),
     ("megatron-bridge", "megatron.bridge", False),
     ("transformer-engine", "transformer_engine", False),
+    ("apex (NVIDIA)", "apex", False),
     ("tensorrt-llm", "tensorrt_llm", False),
 ]
 

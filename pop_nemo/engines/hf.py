@@ -117,7 +117,12 @@ class HFEngine:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         while active:
             out = self.model(
-                input_ids=step_input, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=step_input,
+                attention_mask=attn,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,  # the prefill needs only the last position's logits
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()

@@ -32,6 +32,12 @@ class TokenBatch:
             extras={k: v[idx] for k, v in self.extras.items()},
         )
 
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(
+            **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "extras"},
+            extras={k: v.to(device) for k, v in self.extras.items()},
+        )
+
     def micro_batches(self, size: int) -> list[TokenBatch]:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 

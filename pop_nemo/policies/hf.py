@@ -81,6 +81,7 @@ class HFPolicy:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for mb in batch.micro_batches(self.micro_batch_size):
+            mb = mb.to(self.device)  # the loss function sees tensors on the model's device
             lp = self._forward_logprobs(self.model, mb)
             loss, metrics = loss_fn(lp, mb)
             loss.backward()

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pop_nemo import build
+from pop_nemo import build, signals
 from pop_nemo.checkpoint import Checkpointer, ResumeError, rng_state, set_rng_state
 from pop_nemo.config import Config
+from pop_nemo.eval.runner import evaluate_during_training
 from pop_nemo.logging import RunLogger, console, summary_line
 from pop_nemo.models import resolve_model_path
 from pop_nemo.policies.base import TokenBatch
@@ -88,6 +89,7 @@ def selfplay_metrics(examples: list[Example], samples: Samples) -> dict[str, Any
 
 
 def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Path:
+    stop = signals.install()  # SIGUSR1 (Slurm, before the time limit): checkpoint at the step's end, exit 75
     out = Path(cfg.output_dir)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -175,6 +177,7 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
                 batch = TokenBatch.from_sequences(
                     [samples.prompts[i] for i in keep], [samples.completions[i] for i in keep], policy_engine.pad_id
                 )
+                policy_engine.sleep()  # colocated engines release memory for the update (no-op on HF)
                 old_lp = policy.logprobs(batch)
                 ref_lp = policy.logprobs(batch, reference=True) if a.kl_mode != "none" else None
                 rewards = samples.rewards.clone()
@@ -203,7 +206,10 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
                 metrics["degenerate_group_rate"] = adv.degenerate_rate
                 metrics["num_groups"] = adv.num_groups
                 metrics["train_tokens"] = int(batch.attention_mask.sum())
+                t_refit = time.perf_counter()
+                policy_engine.wake()
                 policy_engine.update_weights(policy.engine_weights())
+                metrics["time_refit"] = time.perf_counter() - t_refit
             else:
                 console.print(f"[yellow]step {step + 1}: no trainable sample (all masked); weights unchanged")
                 metrics.update({"loss": None, "kl": None, "degenerate_group_rate": None})
@@ -222,17 +228,26 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
                 }
             )
 
-            # 3. Outputs, then an atomic checkpoint that records how far they go.
+            # 3. Held-out evaluation every eval.every_steps (pop_nemo.eval), in this step's metrics row.
+            if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0:
+                progress.update(bar, description=f"step {step + 1}: eval")
+                metrics.update(evaluate_during_training(cfg, backends, step + 1, out))
+
+            # 4. Outputs, then an atomic checkpoint that records how far they go.
             records = [e.to_record(step=step + 1, model=cfg.model.path) for e in examples]
             logger.log(step + 1, metrics, records)
             console.print(summary_line(metrics))
-            if (step + 1) % cfg.trainer.save_every == 0 or step + 1 == cfg.trainer.max_steps:
+            last = step + 1 == cfg.trainer.max_steps
+            if stop.poll() or (step + 1) % cfg.trainer.save_every == 0 or last:
                 ckpt.save(
                     step + 1,
                     policy,
                     {"corpus": corpus.state_dict(), "rng": rng_state(), "offsets": logger.offsets()},
                 )
             progress.update(bar, advance=1)
+            if stop.stopped and not last:
+                logger.close()
+                stop.exit_if_stopped(step + 1)
     logger.close()
     console.print(f"done: {cfg.trainer.max_steps} steps; outputs in {out}")
     return out

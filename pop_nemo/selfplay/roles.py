@@ -225,6 +225,18 @@ class GuideLimits:
     description_chars: int = 240
     thoughts_chars: int = 160
     max_weight: int = 10
+    max_criteria: int = MAX_CRITERIA
+
+    def rubric_chars(self) -> int:
+        """Upper bound on a guided rubric's length in characters (so in tokens)."""
+        per = self.name_chars + self.gold_chars + self.description_chars + 80
+        return self.max_criteria * per + 2
+
+    def judge_chars(self, num_criteria: int) -> int:
+        return num_criteria * (self.name_chars + self.thoughts_chars + 60) + 2
+
+    def proposer_chars(self) -> int:
+        return self.problem_chars + self.reference_chars + 40
 
 
 def proposer_guide(lim: GuideLimits) -> Guide:
@@ -254,7 +266,7 @@ def rubric_guide(lim: GuideLimits) -> Guide:
     }
     schema = {
         "type": "object",
-        "properties": {f"criterion_{i}": crit for i in range(1, MAX_CRITERIA + 1)},
+        "properties": {f"criterion_{i}": crit for i in range(1, min(lim.max_criteria, MAX_CRITERIA) + 1)},
         "required": ["criterion_1"],
         "additionalProperties": False,
     }

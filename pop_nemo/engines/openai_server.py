@@ -1,0 +1,437 @@
+"""``pop-nemo serve-openai``: an OpenAI-compatible chat-completions server over any pop_nemo Engine.
+
+It serves the HF engine (SmolLM2 on a CPU, or any HF model on a GPU) behind the subset of the
+OpenAI API that rollouts and teacher roles use, so :class:`~pop_nemo.engines.openai.OpenAIEngine`
+can be tested against a real server here, and a small model can be served where vLLM or
+``trtllm-serve`` are not available.
+
+``POST /v1/chat/completions`` takes ``model``, ``messages``, ``n``, ``seed``, ``temperature``,
+``top_p``, ``max_tokens`` (or ``max_completion_tokens``), ``logprobs`` (the sampled token's
+logprob; ``top_logprobs`` must be 0), ``response_format`` (``text``, ``json_object``,
+``json_schema``, and trtllm-serve's ``json``/``regex``/``ebnf``), and the vLLM extensions ``guided_json``/``guided_grammar``/``guided_regex``
+and ``return_token_ids``. Anything else the server cannot honour (``stream``, ``stop``,
+``tools``, ``logit_bias``, penalties) is refused with a 400 rather than ignored. Also
+``GET /v1/models`` and ``GET /healthz``.
+
+Concurrent requests are batched: one engine thread runs whatever arrived within
+``max_wait_ms`` of the oldest waiting request (up to ``max_batch`` requests) in one
+``generate`` call. A full queue answers 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from pop_nemo.engines.base import Completion, Engine, Guide, Sampling
+from pop_nemo.engines.base import Request as EngineRequest
+
+TOKEN_ENV = "POP_NEMO_OPENAI_TOKEN"
+MAX_SEED = 2**63
+
+
+# ---------------------------------------------------------------- wire format
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = "schema"
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``text``/``json_object``/``json_schema``, and trtllm-serve's ``json`` (with
+    ``schema``), ``regex`` and ``ebnf`` (xgrammar) types."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema", "json", "regex", "ebnf"]
+    json_schema: JSONSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    regex: str | None = None
+    ebnf: str | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    # vLLM extensions
+    guided_json: dict[str, Any] | str | None = None
+    guided_grammar: str | None = None
+    guided_regex: str | None = None
+    return_token_ids: bool = False
+    # Accepted only at their no-op values (clients often send them explicitly).
+    stream: bool = False
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", headers=None):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def to_guide(req: ChatRequest) -> Guide | None:
+    """The one decoding constraint a request asks for (400 when it asks for more than one)."""
+    guides: list[Guide] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise APIError(400, "response_format.type=json_schema needs response_format.json_schema", "response_format")
+        guides.append(Guide("json_schema", json.dumps(rf.json_schema.schema_)))
+    elif rf is not None and rf.type == "json_object":
+        guides.append(Guide("json_schema", json.dumps({"type": "object"})))
+    elif rf is not None and rf.type != "text":  # trtllm-serve's dialect
+        value = {"json": rf.schema_, "regex": rf.regex, "ebnf": rf.ebnf}[rf.type]
+        if value is None:
+            key = "schema" if rf.type == "json" else rf.type
+            raise APIError(400, f"response_format.type={rf.type} needs response_format.{key}", "response_format")
+        kind = {"json": "json_schema", "regex": "regex", "ebnf": "ebnf"}[rf.type]
+        guides.append(Guide(kind, json.dumps(value) if rf.type == "json" else value))
+    if req.guided_json is not None:
+        spec = req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json)
+        guides.append(Guide("json_schema", spec))
+    if req.guided_grammar is not None:
+        guides.append(Guide("ebnf", req.guided_grammar))
+    if req.guided_regex is not None:
+        guides.append(Guide("regex", req.guided_regex))
+    if len(guides) > 1:
+        raise APIError(400, "give at most one of response_format (json), guided_json, guided_grammar, guided_regex")
+    return guides[0] if guides else None
+
+
+def check_supported(req: ChatRequest) -> None:
+    if req.stream:
+        raise APIError(400, "stream=true is not supported by this server", "stream")
+    if req.stop:
+        raise APIError(400, "stop sequences are not supported by this server", "stop")
+    if req.presence_penalty or req.frequency_penalty:
+        raise APIError(400, "presence/frequency penalties are not supported by this server")
+    if req.top_logprobs:
+        raise APIError(400, "only top_logprobs=0 is supported (the sampled token's logprob)", "top_logprobs")
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both")
+
+
+# ---------------------------------------------------------------- batching service
+
+
+@dataclass
+class ServeOpenAIConfig:
+    model_name: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16  # requests per engine call
+    max_wait_ms: float = 10.0
+    max_queue: int = 256
+    default_max_tokens: int = 256
+    max_context: int | None = None  # prompt + max_tokens limit; None = the model's
+
+
+@dataclass
+class _Work:
+    request: EngineRequest
+    future: asyncio.Future
+    enqueued: float
+
+
+@dataclass
+class OpenAIService:
+    load: Callable[[], Engine]
+    cfg: ServeOpenAIConfig
+    state: str = "loading"  # loading | ready | failed
+    load_error: str | None = None
+    engine: Any = None
+    max_context: int | None = None
+    stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "batches": 0, "rejected": 0})
+
+    def __post_init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openai-engine")
+        self._queue: list[_Work] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        fut = loop.run_in_executor(self._pool, self.load)
+
+        def loaded(f: asyncio.Future) -> None:
+            if f.exception() is not None:
+                self.state, self.load_error = "failed", f"{type(f.exception()).__name__}: {f.exception()}"
+                return
+            self.engine = f.result()
+            self.max_context = self.cfg.max_context or _model_context(self.engine)
+            self.state = "ready"
+
+        fut.add_done_callback(loaded)
+        self._task = asyncio.create_task(self._batcher())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, request: EngineRequest) -> list[Completion]:
+        if len(self._queue) >= self.cfg.max_queue:
+            raise APIError(503, "server busy: request queue is full", kind="server_busy")
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Work(request, fut, time.monotonic()))
+        assert self._wake is not None
+        self._wake.set()
+        return await fut
+
+    async def _batcher(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue and self.state == "ready":
+                oldest = self._queue[0].enqueued
+                wait = oldest + self.cfg.max_wait_ms / 1000 - time.monotonic()
+                if len(self._queue) < self.cfg.max_batch and wait > 0:
+                    await asyncio.sleep(wait)
+                batch = [w for w in self._queue[: self.cfg.max_batch] if not w.future.done()]
+                del self._queue[: self.cfg.max_batch]
+                if not batch:
+                    continue
+                self.stats["batches"] += 1
+                try:
+                    results = await loop.run_in_executor(self._pool, self.engine.generate, [w.request for w in batch])
+                except Exception as e:  # one bad batch must not kill the server
+                    for w in batch:
+                        if not w.future.done():
+                            w.future.set_exception(APIError(500, f"generation failed: {e}", kind="server_error"))
+                    continue
+                for w, r in zip(batch, results):
+                    if not w.future.done():
+                        w.future.set_result(r)
+
+
+def _model_context(engine: Any) -> int | None:
+    model = getattr(engine, "model", None)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _logprobs_content(comp: Completion, tokenizer) -> dict[str, Any]:
+    content = []
+    for tok, lp in zip(comp.token_ids, comp.logprobs):
+        text = tokenizer.decode([tok]) if tokenizer is not None else str(tok)
+        content.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
+    return {"content": content}
+
+
+def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="pop_nemo OpenAI-compatible server", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if token and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+                return _error(401, "missing or wrong bearer token", kind="authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", loc)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return _error(exc.status, exc.message, exc.param, exc.kind, headers)
+
+    @app.get("/healthz")
+    async def healthz():
+        body = {"status": service.state, "model": service.cfg.model_name, **service.stats}
+        if service.state != "ready":
+            body["detail"] = service.load_error
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+        return body
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": service.cfg.model_name, "object": "model", "created": 0, "owned_by": "pop_nemo"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        if service.state != "ready":
+            raise APIError(503, f"model is {service.state}", kind="server_busy")
+        if req.model != service.cfg.model_name:
+            raise APIError(
+                404,
+                f"model {req.model!r} is not served here (serving {service.cfg.model_name!r})",
+                "model",
+                "not_found_error",
+            )
+        check_supported(req)
+        guide = to_guide(req)
+        engine = service.engine
+        max_tokens = req.max_completion_tokens or req.max_tokens or service.cfg.default_max_tokens
+        seed = None if req.seed is None else req.seed % MAX_SEED
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
+        sampling = Sampling(req.temperature, req.top_p, max_tokens, req.n, seed, guide)
+        er = EngineRequest(messages, sampling, id=uuid.uuid4().hex)
+        encode = getattr(engine, "encode", None)
+        prompt_ids = list(encode(er)) if encode is not None else []
+        if service.max_context and len(prompt_ids) + max_tokens > service.max_context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {service.max_context} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "messages",
+                "context_length_exceeded",
+            )
+        if guide is not None:
+            grammars = getattr(engine, "grammars", None)
+            if grammars is not None:
+                try:
+                    grammars.compile(guide)
+                except Exception as e:
+                    raise APIError(400, f"the guide does not compile: {e}", "response_format") from None
+        service.stats["requests"] += 1
+        comps = await service.submit(er)
+        tok = getattr(engine, "tokenizer", None)
+        choices = []
+        for k, c in enumerate(comps):
+            choice: dict[str, Any] = {
+                "index": k,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": "length" if c.finish_reason == "length" else "stop",
+                "logprobs": _logprobs_content(c, tok) if req.logprobs else None,
+            }
+            if req.return_token_ids:
+                choice["token_ids"] = list(c.token_ids)
+            choices.append(choice)
+        completion_tokens = sum(len(c.token_ids) for c in comps)
+        body: dict[str, Any] = {
+            "id": f"chatcmpl-{er.id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": service.cfg.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(prompt_ids) + completion_tokens,
+            },
+        }
+        if req.return_token_ids:
+            body["prompt_token_ids"] = prompt_ids
+        return body
+
+    return app
+
+
+# ---------------------------------------------------------------- running it
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def hf_engine_loader(model: str, dtype: str, device: str, max_batch: int, num_threads: int | None, seed: int):
+    """A ``load()`` that builds an :class:`~pop_nemo.engines.hf.HFEngine` (run on the engine thread)."""
+
+    def load():
+        import torch
+
+        from pop_nemo.engines.hf import HFEngine
+        from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer, resolve_model_path
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        path = resolve_model_path(model)
+        tok = load_tokenizer(path)
+        lm = load_causal_lm(path, dtype).eval()
+        fix_special_tokens(tok, lm)
+        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        lm.to(dev)
+        return HFEngine(lm, tok, max_batch=max_batch, seed=seed)
+
+    return load
+
+
+def serve(load: Callable[[], Engine], cfg: ServeOpenAIConfig, token: str | None = None) -> int:
+    import uvicorn
+
+    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    if not is_loopback(cfg.host) and not token:
+        from pop_nemo.config import ConfigError
+
+        raise ConfigError(
+            f"binding {cfg.host!r} exposes the server beyond this machine: set a bearer token in ${TOKEN_ENV}, "
+            "or bind 127.0.0.1"
+        )
+    service = OpenAIService(load=load, cfg=cfg)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service, token), host=cfg.host, port=cfg.port, log_level="info", access_log=False)
+    )
+    server.run()
+    return 1 if service.state == "failed" else 0
