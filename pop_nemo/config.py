@@ -329,7 +329,12 @@ class EvalConfig:
     healthbench_max_new_tokens: int = 512  # the evaluated model's reply
     grader_max_new_tokens: int = 256
     grader_explanation_chars: int = 300
-    judge_model: str | None = None  # HealthBench grader: HF folder or hub id; None = model.path
+    # HealthBench grader: an HF folder or hub id (None = model.path, the reference), or, with
+    # judge_url, the model name served by an OpenAI-compatible endpoint (trtllm-serve, vLLM).
+    judge_model: str | None = None
+    judge_url: str | None = None  # e.g. http://judge-host:8000/v1
+    judge_api_key_env: str | None = None  # environment variable holding the endpoint's API key
+    judge_guide_format: Literal["json_schema", "trtllm", "vllm", "none"] = "json_schema"
 
     def __post_init__(self) -> None:
         checks = [

@@ -239,3 +239,31 @@ def test_evaluate_scores_each_item_and_counts_grader_failures(tmp_path):
     assert all(r.sampling.guide is not None and r.sampling.temperature == 0 for r in grader.requests)
     assert len({r.sampling.seed for r in grader.requests}) == 6
     assert json.loads(grader.requests[0].sampling.guide.spec)["required"] == ["explanation", "criteria_met"]
+
+
+def test_grader_choice(monkeypatch):
+    from pop_nemo.config import load_config
+    from pop_nemo.engines.openai import OpenAIEngine
+    from pop_nemo.eval.runner import build_grader
+
+    reference = ScriptedEngine(lambda r: "")
+    assert build_grader(load_config(None, []), reference) is reference
+    monkeypatch.setenv("JUDGE_KEY", "sekrit")
+    cfg = load_config(
+        None,
+        [
+            "eval.judge_url=http://judge:8000/v1",
+            "eval.judge_model=big-judge",
+            "eval.judge_api_key_env=JUDGE_KEY",
+            "eval.judge_guide_format=vllm",
+        ],
+    )
+    g = build_grader(cfg, reference)
+    assert isinstance(g, OpenAIEngine) and g.url == "http://judge:8000/v1" and g.model == "big-judge"
+    (c,) = hb.load(hb.example_path(), limit=1)
+    s = Sampling(temperature=0.0, max_new_tokens=64, guide=hb.grader_guide(100))
+    body = g.body(Request(hb.grader_messages(c, "reply", c.rubric[0]), s))
+    assert body["model"] == "big-judge" and body["temperature"] == 0.0
+    assert body["guided_json"]["required"] == ["explanation", "criteria_met"]
+    assert g._client.headers["Authorization"] == "Bearer sekrit"
+    g.close()

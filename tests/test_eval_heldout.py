@@ -150,3 +150,21 @@ def test_flat_metrics_names():
     assert m["eval/greedy/reward_ci_high"] == 0.75 and m["eval/greedy/judge_failures"] == 1
     assert m["eval/healthbench/score"] == 0.5 and m["eval/healthbench/unscorable"] == 1
     assert "eval/sampled/reward" not in m
+
+
+def test_model_argument_accepts_run_and_checkpoint_folders(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2):
+        ck = run / "checkpoints" / f"step_{step:06d}"
+        (ck / "policy" / "model").mkdir(parents=True)
+        (ck / "policy" / "model" / "config.json").write_text("{}")
+        (ck / "state.json").write_text(json.dumps({"step": step}))
+    (run / "checkpoints" / "latest").write_text("step_000001\n")  # latest, not the highest number
+    path, label, step = runner.resolve_model(str(run))
+    assert path == str(run / "checkpoints" / "step_000001" / "policy" / "model") and step == 1 and label == str(run)
+    path, _, step = runner.resolve_model(str(run / "checkpoints" / "step_000002"))
+    assert path.endswith("step_000002/policy/model") and step == 2
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert runner.resolve_model(str(hf)) == (str(hf), str(hf), None)

@@ -129,7 +129,7 @@ def test_guard_ignores_what_does_not_shape_records():
 # ---------------------------------------------------------------- end to end through the CLI
 
 
-def test_synthesize_kill9_resume_pairs_dpo(tmp_path, engine):
+def test_synthesize_kill9_resume_pairs_dpo(tmp_path, hf_model, tokenizer):
     out = tmp_path / "synth"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "pop_nemo.cli", "synthesize", *SYNTH[:2], "--output-dir", str(out), *SYNTH[2:]]
@@ -170,7 +170,10 @@ def test_synthesize_kill9_resume_pairs_dpo(tmp_path, engine):
     assert summary["documents"] == 8 and summary["answers"] == sum(len(r["answers"]) for r in records)
     assert summary["scored"] == sum(a["judge_valid"] is True for r in records for a in r["answers"])
 
-    # The redone chunk is what an uninterrupted run computes for it (same seeds, same batch).
+    # The redone chunk is what an uninterrupted run computes for it (same seeds, same batches).
+    from pop_nemo.engines.hf import HFEngine
+
+    engine = HFEngine(hf_model, tokenizer, max_batch=cfg.rollout.max_batch, seed=cfg.seed)
     synth = Synthesizer(cfg, dict.fromkeys(("proposer", "solver", "rubric", "judge"), engine))
     examples, _ = synth.run(docs[4:], first_group_id=4)
     assert [json.dumps(r, ensure_ascii=False) for r in synth.records(examples)] == lines[4:]

@@ -157,7 +157,11 @@ def hand_run(tmp_path: Path) -> Path:
             {"output": "???", "format_valid": False, "judge_valid": False, "reward": None},
         ],
     }
-    (run / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    tied = {**rec, "doc_id": "d2", "problem": "Name a prime.", "answers": [
+        {"output": "Two.", "format_valid": True, "judge_valid": True, "reward": 0.5},
+        {"output": "Three.", "format_valid": True, "judge_valid": True, "reward": 0.5},
+    ]}  # fmt: skip
+    (run / "records.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(tied) + "\n")
     pairs = [
         {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a b c"}],
          "rejected": [{"role": "assistant", "content": "a"}], "chosen_score": 2.0, "rejected_score": 0.5},
@@ -179,6 +183,7 @@ def test_report_of_an_offline_run_shows_pairs_and_other_metrics(tmp_path):
     assert "Why is <b>the</b> sky blue?" in text  # escaped in the page, intact to a reader
     assert "<b>the</b>" not in (tmp_path / "out" / "index.html").read_text().split('<h2 id="examples"')[1][:2000]
     assert "Because of Rayleigh scattering." in text and "Because it reflects the sea." in text
+    assert "all 2 judged answers scored 0.500" in text and "Three." not in text  # a tie has no worst answer
     assert "chosen length (words), mean" in text and "2.5" in text  # (3 + 2) / 2
     assert "chosen score, mean" in text and "1.5" in text
     plotted = {m for f in page.figures for m in f["metrics"]}

@@ -19,12 +19,35 @@ from tests.conftest import ROOT, TINY, run_cli
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {
-    "step", "reward_mean", "reward_std", "solver_format_valid_rate", "proposer_valid_rate", "rubric_valid_rate",
-    "judge_valid_rate", "degenerate_group_rate", "kl", "loss", "response_len_mean", "tokens_per_s",
-    "time_propose", "time_solve", "time_rubric", "time_judge", "time_train", "time_step",
+    "step",
+    "reward_mean",
+    "reward_std",
+    "solver_format_valid_rate",
+    "proposer_valid_rate",
+    "rubric_valid_rate",
+    "judge_valid_rate",
+    "degenerate_group_rate",
+    "kl",
+    "loss",
+    "response_len_mean",
+    "tokens_per_s",
+    "time_propose",
+    "time_solve",
+    "time_rubric",
+    "time_judge",
+    "time_train",
+    "time_step",
 }
-VOLATILE = {"time_propose", "time_solve", "time_rubric", "time_judge", "time_train", "time_step", "tokens_per_s",
-            "train_tokens_per_s"}
+VOLATILE = {
+    "time_propose",
+    "time_solve",
+    "time_rubric",
+    "time_judge",
+    "time_train",
+    "time_step",
+    "tokens_per_s",
+    "train_tokens_per_s",
+}
 
 
 def _lines(path: Path) -> list[dict]:
@@ -75,8 +98,9 @@ def test_outputs_contract(uninterrupted: Path):
 def test_kill9_during_step2_then_resume_matches_uninterrupted(uninterrupted: Path, tmp_path: Path):
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "pop_nemo.cli", "train", "--config", str(TINY), "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 600
     while not latest.exists():

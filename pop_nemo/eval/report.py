@@ -137,7 +137,7 @@ def _line(ax, steps: list[int], ys: list[float | None], label: str, **kw) -> boo
     pts = [(s, y) for s, y in zip(steps, ys) if y is not None]
     if not pts:
         return False
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **kw)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **{"marker": "o", **kw})
     return True
 
 
@@ -199,8 +199,9 @@ def _figure(Figure, data: RunData, name: str, title: str, keys: list[str], ylabe
     else:
         ax = axes[0]
         drew = False
-        for key in keys:
-            drew = _line(ax, steps, data.series(key), key) or drew
+        for i, key in enumerate(keys):  # distinct markers and sizes: equal series stay visible
+            style = {"marker": "osD^"[i % 4], "fillstyle": "none", "markersize": 12 - 2 * (i % 4), "ls": "-:"[i % 2]}
+            drew = _line(ax, steps, data.series(key), key, **style) or drew
         if drew:
             ax.set_ylabel(ylabel)
             if name == "validity":
@@ -234,9 +235,9 @@ def _eval_figure(Figure, data: RunData):
     ax = fig.subplots()
     fig.suptitle("Held-out evaluation during training (mean, CI band)", fontsize=10)
     shown = []
-    for k in means:
+    for k, marker in zip(means, "osD^v<>p*h" * 4):
         lo, hi = data.series(f"{k}_ci_low"), data.series(f"{k}_ci_high")
-        if _line(ax, steps, data.series(k), k.removeprefix("eval/")):
+        if _line(ax, steps, data.series(k), k.removeprefix("eval/"), marker=marker, fillstyle="none", markersize=9):
             pts = [(s, a, b) for s, a, b in zip(steps, lo, hi) if a is not None and b is not None]
             ax.fill_between([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], alpha=0.2)
             shown += [k, f"{k}_ci_low", f"{k}_ci_high"]
@@ -244,9 +245,12 @@ def _eval_figure(Figure, data: RunData):
         _empty(ax, means)
         shown = means
     else:
-        ax.legend(fontsize=8)
+        ax.set_ylim(-0.03, 1.3)  # rewards and scores live in [0, 1]; the legend sits above them
+        ax.legend(fontsize=8, loc="upper left", ncol=3)
         ax.set_ylabel("score")
     _step_axis(ax, steps)
+    if steps:
+        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
     fig.tight_layout()
     return fig, shown
 
@@ -282,6 +286,12 @@ def _grid_figure(Figure, data: RunData, keys: list[str], title: str):
     return fig
 
 
+def short_label(label: Any, parts: int = 2) -> str:
+    """``/long/path/run/checkpoints/step_000002`` → ``checkpoints/step_000002`` (for legends)."""
+    text = str(label)
+    return "/".join(Path(text).parts[-parts:]) if "/" in text else text
+
+
 def _comparison_figure(Figure, comparison: dict[str, Any]):
     rows = [(f"held-out {m}", p) for m, p in comparison.get("heldout", {}).items()]
     if "healthbench" in comparison:
@@ -289,23 +299,34 @@ def _comparison_figure(Figure, comparison: dict[str, Any]):
     rows = [(n, p) for n, p in rows if p["n"] > 0]
     if not rows:
         return None
-    fig = Figure(figsize=(10, 3.6))
+    a, b = short_label(comparison["baseline"]), short_label(comparison["model"])
+    fig = Figure(figsize=(10, 3.8))
     ax1, ax2 = fig.subplots(1, 2)
-    fig.suptitle(f"{comparison['model']} vs {comparison['baseline']} (paired, same problems)", fontsize=10)
+    fig.suptitle(f"B = {b}  vs  A = {a}  (paired on the same problems)", fontsize=10)
     x = list(range(len(rows)))
-    ax1.bar([i - 0.2 for i in x], [p["mean_a"] for _, p in rows], width=0.4, label=str(comparison["baseline"]))
-    ax1.bar([i + 0.2 for i in x], [p["mean_b"] for _, p in rows], width=0.4, label=str(comparison["model"]))
-    ax1.set_xticks(x, [n for n, _ in rows], fontsize=8)
+    ax1.bar([i - 0.2 for i in x], [p["mean_a"] for _, p in rows], width=0.4, label=f"A: {a}", color="tab:gray")
+    ax1.bar([i + 0.2 for i in x], [p["mean_b"] for _, p in rows], width=0.4, label=f"B: {b}", color="tab:blue")
+    ax1.set_xticks(x, [f"{n}\n(n={p['n']})" for n, p in rows], fontsize=8)
     ax1.set_ylabel("mean score")
-    ax1.legend(fontsize=7)
+    ax1.set_ylim(0, 1.15)
+    ax1.legend(fontsize=7, loc="upper right")
     for i, (_, p) in enumerate(rows):
         d, w = p["diff"], p["win_rate"]
-        ax2.errorbar(i - 0.1, d["mean"], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4)
-        ax2.errorbar(i + 0.1, w["mean"], yerr=[[w["mean"] - w["low"]], [w["high"] - w["mean"]]], fmt="s", capsize=4)
-    ax2.axhline(0.0, color="gray", lw=0.8)
-    ax2.axhline(0.5, color="gray", lw=0.8, ls=":")
+        kw = {"capsize": 4, "markersize": 7}
+        ax2.errorbar(
+            i - 0.1, d["mean"], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", color="tab:blue", **kw
+        )
+        ax2.errorbar(
+            i + 0.1, w["mean"], yerr=[[w["mean"] - w["low"]], [w["high"] - w["mean"]]], fmt="s", color="tab:green", **kw
+        )
+    ax2.plot([], [], "o", color="tab:blue", label="difference B−A")
+    ax2.plot([], [], "s", color="tab:green", label="win rate of B (tie = ½)")
+    ax2.axhline(0.0, color="tab:blue", lw=0.8, ls=":")
+    ax2.axhline(0.5, color="tab:green", lw=0.8, ls=":")
     ax2.set_xticks(x, [n for n, _ in rows], fontsize=8)
-    ax2.set_title("difference B−A (circles) and win rate of B (squares), with CIs", fontsize=8)
+    ax2.set_title("with confidence intervals", fontsize=8)
+    ax2.legend(fontsize=7, loc="upper right")
+    ax2.set_ylim(min(-0.55, *(p["diff"]["low"] - 0.05 for _, p in rows)), 1.15)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -397,8 +418,12 @@ def examples_table(records: list[dict[str, Any]], limit: int) -> str:
             f"<td>{_e(_cut(r.get('problem')))}<hr><i>reference:</i> {_e(_cut(r.get('reference'), 600))}</td>"
             f"<td>{_rubric_html(r.get('rubric'))}</td>"
             f'<td class="best"><b>{best["reward"]:.3f}</b><br>{_e(_cut(best.get("output")))}</td>'
-            f'<td class="worst"><b>{worst["reward"]:.3f}</b><br>{_e(_cut(worst.get("output")))}</td>'
-            "</tr>"
+            + (
+                f'<td class="worst"><b>{worst["reward"]:.3f}</b><br>{_e(_cut(worst.get("output")))}</td>'
+                if worst["reward"] < best["reward"]
+                else f'<td class="worst"><i>all {len(answers)} judged answers scored {best["reward"]:.3f}</i></td>'
+            )
+            + "</tr>"
         )
     head = "<tr><th>step</th><th>doc</th><th>problem</th><th>rubric</th><th>best answer</th><th>worst answer</th></tr>"
     return f'<table class="examples">{head}{"".join(rows)}</table>'

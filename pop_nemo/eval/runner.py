@@ -70,12 +70,9 @@ class Evaluator:
 
     def grader(self) -> Engine:
         if self._grader is None:
-            jm = self.cfg.eval.judge_model
-            self._grader = (
-                self.reference
-                if jm is None or jm == self.cfg.model.path
-                else load_engine(self.cfg, jm, self.cfg.model.path, self.cfg.rollout.max_batch)
-            )
+            self._grader = build_grader(self.cfg, self.reference)
+            if hasattr(self._grader, "wait_ready"):
+                self._grader.wait_ready(300.0)
         return self._grader
 
     def problems(self) -> tuple[str, Path, list[dict[str, Any]]]:
@@ -114,7 +111,7 @@ class Evaluator:
                 self.grader(),
                 Sampling(temperature=0.0, max_new_tokens=e.healthbench_max_new_tokens),
                 e.grader_max_new_tokens,
-                e.grader_explanation_chars if cfg.rollout.guide.enabled else None,
+                e.grader_explanation_chars if cfg.rollout.guide.enabled and e.judge_guide_format != "none" else None,
                 seed=e.seed,
             )
             timing["healthbench"] = time.perf_counter() - t
@@ -252,6 +249,21 @@ def load_engine(cfg: Config, path: str, tokenizer_fallback: str, max_batch: int)
     model = load_causal_lm(resolve_model_path(path) if not p.is_dir() else path, cfg.model.dtype).eval()
     fix_special_tokens(tok, model)
     return HFEngine(model, tok, max_batch=max_batch, seed=cfg.eval.seed)
+
+
+def build_grader(cfg: Config, reference: Engine) -> Engine:
+    """The HealthBench grader: an OpenAI-compatible endpoint (``eval.judge_url``), another HF
+    model (``eval.judge_model``), or the reference model itself."""
+    e = cfg.eval
+    if e.judge_url:
+        from pop_nemo.engines.openai import OpenAIEngine
+
+        return OpenAIEngine.from_env(
+            e.judge_url, e.judge_model or "default", e.judge_api_key_env, guide_format=e.judge_guide_format
+        )
+    if e.judge_model is None or e.judge_model == cfg.model.path:
+        return reference
+    return load_engine(cfg, e.judge_model, cfg.model.path, cfg.rollout.max_batch)
 
 
 def check_backends(cfg: Config) -> None:

@@ -264,6 +264,7 @@ def train_dpo(
     cfg: Config, pairs_path: str | Path, output_dir: str | Path, fresh: bool = False, require_resume: bool = False
 ) -> dict[str, Any]:
     """Train (or resume) DPO; return the final summary (train steps and held-out metrics)."""
+    import yaml
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pop_nemo.models import resolve_model_path
@@ -325,7 +326,7 @@ def train_dpo(
         console.print(f"note: {truncated} pair(s) reach dpo.max_prompt_length or dpo.max_length and were truncated")
 
     logger = RunLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
-    (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     start = 0
     if resume is not None:
         policy.load(resume.path / "policy")

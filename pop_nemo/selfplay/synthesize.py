@@ -314,6 +314,16 @@ def guarded_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 COUNT_KEYS = ("documents", "problems", "answers", "valid_answers", "rubrics", "scored")
 
 
@@ -366,9 +376,10 @@ class CommitLog:
             self._write(state)
             return state
         state = Progress(**json.loads(self.progress_path.read_text()))
-        diffs = [k for k in sorted(set(state.guarded) | set(guarded)) if state.guarded.get(k) != guarded.get(k)]
+        before, now = _flatten(state.guarded), _flatten(guarded)
+        diffs = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
         if diffs:
-            detail = "; ".join(f"{k}: before {state.guarded.get(k)!r} vs now {guarded.get(k)!r}" for k in diffs[:3])
+            detail = "; ".join(f"{k}: before {before.get(k)!r}, now {now.get(k)!r}" for k in diffs[:4])
             raise ResumeError(
                 f"cannot resume synthesis in {self.out}: settings that shape the records changed ({detail}). "
                 "Use another --output-dir, or --fresh to start over."
