@@ -210,7 +210,7 @@ def test_over_a_thousand_hostile_requests_get_readable_4xx(fuzz_server, engine):
     c = Checker(fuzz_server.url)
     valid_json = json.dumps(SCORE).encode()
 
-    @settings_for(320)
+    @settings_for(400)
     @given(score_mutations())
     def score_bodies(m):
         c.post("/v1/score", mutate_score(m))

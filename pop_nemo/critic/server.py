@@ -78,7 +78,9 @@ def check_serve_config(s: ServeConfig) -> ServeConfig:
         if not ok:
             raise ConfigError(msg)
 
-    need(s.engine == "hf", f"serve.engine={s.engine!r} is not available in this build; use 'hf'")
+    need(
+        s.engine in ("hf", "trtllm"), f"serve.engine={s.engine!r} is not available in this build; use 'hf' or 'trtllm'"
+    )
     need(0 <= s.port < 65536, f"serve.port={s.port} must be in 0..65535")
     need(s.max_batch >= 1, "serve.max_batch must be >= 1")
     need(s.max_wait_ms >= 0, "serve.max_wait_ms must be >= 0")
@@ -571,13 +573,16 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
         torch.set_num_threads(scfg.num_threads)
     path = resolve_model_path(cfg.model.path)
     tok = load_tokenizer(path)
-    model = load_causal_lm(path, cfg.model.dtype).eval()
-    fix_special_tokens(tok, model)
-    device = scfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    engine = HFEngine(model, tok, max_batch=scfg.max_batch, seed=cfg.seed)
+    if scfg.engine == "trtllm":  # GPU only: TensorRT-LLM from the NGC container
+        engine = build.make_trtllm_engine(cfg, path, tok, name="critic")
+    else:
+        model = load_causal_lm(path, cfg.model.dtype).eval()
+        fix_special_tokens(tok, model)
+        device = scfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device)
+        engine = HFEngine(model, tok, max_batch=scfg.max_batch, seed=cfg.seed)
     return LocalCritic(
         rubric_engine=engine,
         judge_engine=engine,

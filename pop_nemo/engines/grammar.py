@@ -7,6 +7,7 @@ xgrammar inside, so a guide means the same thing on every backend.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import torch
 import xgrammar as xgr
@@ -18,10 +19,12 @@ JSON_SEPARATORS = (",", ":")
 
 
 class GrammarCache:
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_entries: int = 1024):
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
-        self._cache: dict[Guide, xgr.CompiledGrammar] = {}
+        # One judge grammar per rubric: bounded, least recently used goes first.
+        self._cache: OrderedDict[Guide, xgr.CompiledGrammar] = OrderedDict()
+        self.max_entries = max_entries
         self._lock = threading.Lock()
 
     def compile(self, guide: Guide) -> xgr.CompiledGrammar:
@@ -39,6 +42,10 @@ class GrammarCache:
                 else:
                     raise ValueError(f"unknown guide kind {guide.kind!r}")
                 self._cache[guide] = got
+                while len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(guide)
             return got
 
     def matcher(self, guide: Guide) -> xgr.GrammarMatcher:

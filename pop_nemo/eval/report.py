@@ -190,10 +190,13 @@ def _figure(Figure, data: RunData, name: str, title: str, keys: list[str], ylabe
                 ax.bar(steps, ys, bottom=bottom, label=key.removeprefix("time_"), width=0.6)
                 bottom = [b + y for b, y in zip(bottom, ys)]
                 drew = True
-        drew = _line(ax, steps, data.series("time_step"), "step total", color="black") or drew
+        total = data.series("time_step")
+        drew = _line(ax, steps, total, "step total (time_step)", color="black") or drew
         if drew:
             ax.set_ylabel(ylabel)
-            ax.legend(fontsize=8, ncol=3)
+            top = max([*bottom, *(t for t in total if t is not None)])
+            ax.set_ylim(0, 1.45 * top if top > 0 else 1)  # room for the legend above the bars
+            ax.legend(fontsize=8, ncol=4, loc="upper left")
         else:
             _empty(ax, keys)
     else:

@@ -308,6 +308,11 @@ def _fmt(est: dict[str, Any] | None, pct: bool = False) -> str:
     return f"{f(est['mean'])} [{f(est['low'])}, {f(est['high'])}]"
 
 
+def _width() -> int | None:
+    """Tables keep one line per row in logs (rich wraps at 80 columns when not on a terminal)."""
+    return None if console.is_terminal else 160
+
+
 def print_summary(summary: dict[str, Any], comparison: dict[str, Any] | None = None) -> None:
     from rich.table import Table
 
@@ -326,7 +331,7 @@ def print_summary(summary: dict[str, Any], comparison: dict[str, Any] | None = N
                     _fmt(s["length_tokens"]),
                     str(s["judge_failures"]),
                 )
-        console.print(t)
+        console.print(t, width=_width())
     b = summary.get("healthbench")
     if b:
         console.print(
@@ -352,4 +357,4 @@ def print_summary(summary: dict[str, Any], comparison: dict[str, Any] | None = N
                 f"{p['wins']}/{p['losses']}/{p['ties']}",
                 "—" if sp is None else f"{sp:.3g}",
             )
-        console.print(t)
+        console.print(t, width=_width())
