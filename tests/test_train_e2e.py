@@ -40,7 +40,13 @@ METRIC_KEYS = {
 }
 # Weight decay makes every step move the weights, even when all groups are degenerate (a 135M
 # judge often gives equal scores), so the weight comparison below can fail.
-ARGS = ["--config", str(TINY), "policy.weight_decay=0.1"]
+OVERRIDES = ["policy.weight_decay=0.1"]
+
+
+def _train_args(out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(TINY), "--output-dir", str(out), *OVERRIDES, *extra]
+
+
 VOLATILE = {
     "time_propose",
     "time_solve",
@@ -67,7 +73,7 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_path) -> Path:
     out = tmp_path_factory.mktemp("run") / "a"
-    run_cli("train", *ARGS, "--output-dir", str(out), "logging.tensorboard=true")
+    run_cli(*_train_args(out, "logging.tensorboard=true"))
     return out
 
 
@@ -100,7 +106,7 @@ def test_outputs_contract(uninterrupted: Path):
 
 def test_kill9_during_step2_then_resume_matches_uninterrupted(uninterrupted: Path, tmp_path: Path):
     out = tmp_path / "b"
-    cmd = [sys.executable, "-m", "pop_nemo.cli", "train", *ARGS, "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "pop_nemo.cli", *_train_args(out)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
@@ -119,7 +125,7 @@ def test_kill9_during_step2_then_resume_matches_uninterrupted(uninterrupted: Pat
         assert text.endswith("\n")
         _lines(out / name)
 
-    resumed = run_cli("train", *ARGS, "--output-dir", str(out))
+    resumed = run_cli(*_train_args(out))
     assert "resumed from" in resumed.stderr
 
     assert _lines(out / "records.jsonl") == _lines(uninterrupted / "records.jsonl")
@@ -136,12 +142,12 @@ def test_kill9_during_step2_then_resume_matches_uninterrupted(uninterrupted: Pat
 
 def test_rerun_of_finished_run_is_a_noop(uninterrupted: Path):
     before = (uninterrupted / "records.jsonl").read_bytes()
-    run_cli("train", *ARGS, "--output-dir", str(uninterrupted))
+    run_cli(*_train_args(uninterrupted))
     assert (uninterrupted / "records.jsonl").read_bytes() == before
 
 
 def test_resume_refuses_a_different_config(uninterrupted: Path):
-    proc = run_cli("train", *ARGS, "--output-dir", str(uninterrupted), "algo.kl_coef=0.5", check=False)
+    proc = run_cli(*_train_args(uninterrupted, "algo.kl_coef=0.5"), check=False)
     assert proc.returncode == 2
     assert "different config" in proc.stderr and "algo" in proc.stderr and "--fresh" in proc.stderr
 
