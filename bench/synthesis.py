@@ -13,8 +13,8 @@ interleaved so that machine load hits both alike), and the ratio batched ÷ sequ
 (target ≥ 3×). Compiled grammars are cleared before every run, so neither mode inherits the
 other's. On a GPU the model runs there (see ``patch_hf_engine_for_cuda``).
 
-    .venv/bin/python bench/synthesis.py                          # CPU: SmolLM2-135M, 8 docs, N=4
-    .venv/bin/python bench/synthesis.py --docs 16 --n 8 --max-batch 64   # GPU
+    .venv/bin/python bench/synthesis.py        # CPU: SmolLM2-135M, conf/offline/tiny_cpu.yaml, 8 docs, N=4
+    .venv/bin/python bench/synthesis.py --config conf/offline/smoke_cpu.yaml --docs 16 --n 8 --max-batch 64
 """
 
 from __future__ import annotations
@@ -47,17 +47,19 @@ def patch_hf_engine_for_cuda() -> None:
 def run_once(synth: Synthesizer, engine, docs, batched: bool) -> dict:
     engine.grammars._cache.clear()
     tok0 = engine.stats["generated_tokens"]
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     examples = []
     if batched:
         examples, _ = synth.run(docs, first_group_id=0)
     else:
         for i, d in enumerate(docs):
             examples += synth.run([d], first_group_id=i)[0]
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, time.process_time() - cpu
     tokens = engine.stats["generated_tokens"] - tok0
     return {
         "seconds": dt,
+        "cpu_seconds": cpu,  # this process's CPU time (other jobs on the machine slow the wall clock)
+        "load_1min": os.getloadavg()[0],  # the machine's load when the run ended
         "examples_per_s": len(docs) / dt,
         "tokens_per_s": tokens / dt,
         "tokens": tokens,
@@ -75,7 +77,7 @@ def _cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="conf/offline/smoke_cpu.yaml")
+    ap.add_argument("--config", default="conf/offline/tiny_cpu.yaml")
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-batch", type=int, default=None, help="engine rows per forward (default: the config's)")
@@ -102,7 +104,9 @@ def main() -> None:
             runs[mode].append(r)
             print(json.dumps({"mode": mode, **r}), flush=True)
     med = {
-        m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "examples_per_s", "tokens_per_s")}
+        m: {
+            k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu_seconds", "examples_per_s", "tokens_per_s")
+        }
         for m, rs in runs.items()
     }
     device = (
@@ -121,6 +125,7 @@ def main() -> None:
         "batched": med["batched"],
         "ratio_examples_per_s": med["batched"]["examples_per_s"] / med["sequential"]["examples_per_s"],
         "ratio_tokens_per_s": med["batched"]["tokens_per_s"] / med["sequential"]["tokens_per_s"],
+        "ratio_cpu_seconds": med["sequential"]["cpu_seconds"] / med["batched"]["cpu_seconds"],
     }
     print(json.dumps(result))
     s, b = med["sequential"], med["batched"]

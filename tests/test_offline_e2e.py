@@ -6,7 +6,7 @@
   ``pop-nemo dpo`` on the result.
 * The paper's ablations in-process: comparative scoring (median anchor, round robin), no
   knowledge for the proposer / the rubric writer, and a role played through an OpenAI-compatible
-  endpoint (a loopback server in front of the same real model).
+  endpoint (``pop-nemo serve-openai``'s app on loopback, in front of the same real model).
 """
 
 from __future__ import annotations
@@ -38,28 +38,10 @@ from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
-# The smallest settings that keep every guided output whole (so it parses): documents cut to
-# 60 words, short problems, one-criterion rubrics, 32-token answers. The judge samples (T=1):
-# greedy, a 135M judge rates nearly every answer alike, which would leave no pair to train on.
-TIGHT = [
-    "corpus.max_words=60",
-    "rollout.max_batch=16",
-    "rollout.judge.temperature=1.0",
-    "rollout.proposer.max_new_tokens=120",
-    "rollout.solver.max_new_tokens=32",
-    "rollout.rubric.max_new_tokens=150",
-    "rollout.judge.max_new_tokens=100",
-    "rollout.guide.problem_chars=50",
-    "rollout.guide.reference_chars=30",
-    "rollout.guide.name_chars=16",
-    "rollout.guide.gold_chars=16",
-    "rollout.guide.description_chars=30",
-    "rollout.guide.thoughts_chars=16",
-    "rollout.guide.max_criteria=1",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-]
-SYNTH = ["--config", "conf/offline/smoke_cpu.yaml", *TIGHT]  # 8 documents, N=4, chunks of 4
+# 8 documents, N=4, chunks of 4, with the shortest settings that keep every guided output whole
+# (conf/offline/tiny_cpu.yaml says which, and why its judge samples).
+CONFIG = "conf/offline/tiny_cpu.yaml"
+SYNTH = ["--config", CONFIG]
 
 
 def _lines(path: Path) -> list[str]:
@@ -132,7 +114,7 @@ def test_guard_ignores_what_does_not_shape_records():
 def test_synthesize_kill9_resume_pairs_dpo(tmp_path, hf_model, tokenizer):
     out = tmp_path / "synth"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pop_nemo.cli", "synthesize", *SYNTH[:2], "--output-dir", str(out), *SYNTH[2:]]
+    cmd = [sys.executable, "-m", "pop_nemo.cli", "synthesize", *SYNTH, "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     progress = out / "progress.json"
     deadline = time.monotonic() + 900
@@ -154,11 +136,11 @@ def test_synthesize_kill9_resume_pairs_dpo(tmp_path, hf_model, tokenizer):
     first_chunk = (out / "records.jsonl").read_bytes()[: state["records_bytes"]]
     assert len(first_chunk.splitlines()) == 4
 
-    rerun = run_cli("synthesize", *SYNTH[:2], "--output-dir", str(out), *SYNTH[2:], env={"COLUMNS": "1000"})
+    rerun = run_cli("synthesize", *SYNTH, "--output-dir", str(out), env={"COLUMNS": "1000"})
     assert "resuming after 4 committed documents" in rerun.stderr
     lines = _lines(out / "records.jsonl")
     records = [json.loads(x) for x in lines]
-    cfg = load_config("conf/offline/smoke_cpu.yaml", TIGHT)
+    cfg = load_config(CONFIG)
     from pop_nemo import build
 
     docs = build.build_corpus(cfg).take(8)
@@ -236,8 +218,7 @@ class _Recording:
 
 def _ablation_cfg(*extra: str):
     return load_config(
-        "conf/offline/smoke_cpu.yaml",
-        [*TIGHT, "offline.n=2", "rollout.judge.temperature=0.0", "rollout.judge.max_new_tokens=80", *extra],
+        CONFIG, ["offline.n=2", "rollout.judge.temperature=0.0", "rollout.judge.max_new_tokens=80", *extra]
     )
 
 
