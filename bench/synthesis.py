@@ -11,7 +11,8 @@ rubric → judge, the same seeds per document) on the same engine and model, in 
 Reported: examples/s and generated tokens/s of each (median over ``--repeats``, the two modes
 interleaved so that machine load hits both alike), and the ratio batched ÷ sequential
 (target ≥ 3×). Compiled grammars are cleared before every run, so neither mode inherits the
-other's. On a GPU the model runs there (see ``patch_hf_engine_for_cuda``).
+other's. On a GPU the model runs there. ``--no-share-prefixes`` turns off the engine's
+shared-prefix prefill in both modes (its own effect is the ratio of two such runs).
 
     .venv/bin/python bench/synthesis.py        # CPU: SmolLM2-135M, conf/offline/tiny_cpu.yaml, 8 docs, N=4
     .venv/bin/python bench/synthesis.py --config conf/offline/smoke_cpu.yaml --docs 16 --n 8 --max-batch 64
@@ -33,20 +34,9 @@ from pop_nemo.config import load_config
 from pop_nemo.selfplay.synthesize import Synthesizer, build_self_engine, count
 
 
-def patch_hf_engine_for_cuda() -> None:
-    """HFEngine keeps xgrammar's token bitmask and each request's ``torch.Generator`` on the CPU,
-    which a CUDA model's logits cannot be used with. For this benchmark on a GPU: move the bitmask
-    to the logits' device and sample each row on the CPU (the engine's own code is unchanged)."""
-    import pop_nemo.engines.hf as hf
-
-    apply, sample = hf.apply_bitmask, hf.sample_token
-    hf.apply_bitmask = lambda logits, bitmask, rows: apply(logits, bitmask.to(logits.device), rows)
-    hf.sample_token = lambda logits, sampling, generator: sample(logits.cpu(), sampling, generator)
-
-
 def run_once(synth: Synthesizer, engine, docs, batched: bool) -> dict:
     engine.grammars._cache.clear()
-    tok0 = engine.stats["generated_tokens"]
+    before = dict(engine.stats)
     t, cpu = time.perf_counter(), time.process_time()
     examples = []
     if batched:
@@ -55,7 +45,7 @@ def run_once(synth: Synthesizer, engine, docs, batched: bool) -> dict:
         for i, d in enumerate(docs):
             examples += synth.run([d], first_group_id=i)[0]
     dt, cpu = time.perf_counter() - t, time.process_time() - cpu
-    tokens = engine.stats["generated_tokens"] - tok0
+    tokens = engine.stats["generated_tokens"] - before["generated_tokens"]
     return {
         "seconds": dt,
         "cpu_seconds": cpu,  # this process's CPU time (other jobs on the machine slow the wall clock)
@@ -63,6 +53,8 @@ def run_once(synth: Synthesizer, engine, docs, batched: bool) -> dict:
         "examples_per_s": len(docs) / dt,
         "tokens_per_s": tokens / dt,
         "tokens": tokens,
+        "prompt_tokens": engine.stats["prompt_tokens"] - before["prompt_tokens"],  # summed over rows
+        "prefill_tokens": engine.stats["prefill_tokens"] - before["prefill_tokens"],  # what was computed
         **count(examples),
     }
 
@@ -83,6 +75,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="engine rows per forward (default: the config's)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-share-prefixes", action="store_true", help="plain padded prefill in the engine")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,10 +83,9 @@ def main() -> None:
     if args.max_batch:
         over.append(f"rollout.max_batch={args.max_batch}")
     cfg = load_config(args.config, over)
-    if torch.cuda.is_available():
-        patch_hf_engine_for_cuda()
     docs = build.build_corpus(cfg).take(args.docs)
     engine = build_self_engine(cfg)
+    engine.share_prefixes = not args.no_share_prefixes
     synth = Synthesizer(cfg, dict.fromkeys(("proposer", "solver", "rubric", "judge"), engine))
     synth.run(docs[:1], first_group_id=10_000)  # warm-up: allocator, kernels (not timed)
 
@@ -120,6 +112,7 @@ def main() -> None:
         "docs": args.docs,
         "n": args.n,
         "max_batch": cfg.rollout.max_batch,
+        "share_prefixes": engine.share_prefixes,
         "repeats": args.repeats,
         "sequential": med["sequential"],
         "batched": med["batched"],

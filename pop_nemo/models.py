@@ -122,5 +122,8 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    return model
+    from pop_nemo.attention import attn_implementation
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation()
+    )

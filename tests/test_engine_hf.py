@@ -161,3 +161,14 @@ def test_sample_token_greedy_and_top_p():
     # 0.644 < 0.7, so the nucleus is the first two tokens
     assert {sample_token(logits, Sampling(temperature=1.0, top_p=0.7), g) for _ in range(200)} == {0, 1}
     assert {sample_token(logits, Sampling(temperature=1.0), g) for _ in range(400)} == {0, 1, 2, 3}
+
+
+def test_preallocated_kv_cache_only_for_models_without_sliding_windows():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from pop_nemo.engines.hf import _full_attention_only
+
+    assert _full_attention_only(LlamaConfig())
+    assert _full_attention_only(Qwen2Config())  # sliding_window is set but use_sliding_window is off
+    assert not _full_attention_only(Qwen2Config(use_sliding_window=True, max_window_layers=0))
+    assert not _full_attention_only(MistralConfig(sliding_window=4096))
