@@ -103,19 +103,27 @@ def build_backends(cfg: Config, model_path: str) -> Backends:
         model,
         reference,
         tok,
-        lr=p.lr,
-        total_steps=cfg.trainer.max_steps,
-        warmup_steps=p.warmup_steps,
-        min_lr_ratio=p.min_lr_ratio,
-        weight_decay=p.weight_decay,
-        betas=(p.betas[0], p.betas[1]),
-        max_grad_norm=p.max_grad_norm,
-        micro_batch_size=p.micro_batch_size,
+        **_optimizer_kwargs(cfg),
         bf16_autocast=p.bf16_autocast,
         gradient_checkpointing=p.gradient_checkpointing,
     )
     policy_engine, reference_engine = rollout_engines(cfg, model_path, tok, model, reference)
     return Backends(policy, policy_engine, reference_engine, tok)
+
+
+def _optimizer_kwargs(cfg: Config) -> dict:
+    """Optimizer, schedule and micro-batching: the same settings for every policy backend."""
+    p = cfg.policy
+    return {
+        "lr": p.lr,
+        "total_steps": cfg.trainer.max_steps,
+        "warmup_steps": p.warmup_steps,
+        "min_lr_ratio": p.min_lr_ratio,
+        "weight_decay": p.weight_decay,
+        "betas": (p.betas[0], p.betas[1]),
+        "max_grad_norm": p.max_grad_norm,
+        "micro_batch_size": p.micro_batch_size,
+    }
 
 
 def check_rollout_backend(cfg: Config) -> None:
@@ -212,14 +220,7 @@ def _build_megatron(cfg: Config, model_path: str) -> Backends:
     policy = MegatronPolicy(
         model_path,
         tok,
-        lr=p.lr,
-        total_steps=cfg.trainer.max_steps,
-        warmup_steps=p.warmup_steps,
-        min_lr_ratio=p.min_lr_ratio,
-        weight_decay=p.weight_decay,
-        betas=(p.betas[0], p.betas[1]),
-        max_grad_norm=p.max_grad_norm,
-        micro_batch_size=p.micro_batch_size,
+        **_optimizer_kwargs(cfg),
         tensor_model_parallel_size=m.tensor_model_parallel_size,
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
         bf16=m.bf16,

@@ -69,6 +69,15 @@ class Checkpoint:
         return int(self.state["step"])
 
 
+def restore(ckpt: Checkpoint, policy, logger) -> int:
+    """What every trainer restores: the policy (weights, optimizer, schedule), the RNG, and the logs
+    cut back to the checkpoint's offsets. Returns the step to go on from."""
+    policy.load(ckpt.path / "policy")
+    set_rng_state(ckpt.state["rng"])
+    logger.truncate(ckpt.state["offsets"])
+    return ckpt.step
+
+
 class Checkpointer:
     def __init__(self, root: Path, cfg: Config, keep: int = 2):
         self.root, self.cfg, self.keep = Path(root), cfg, keep

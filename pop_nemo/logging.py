@@ -10,8 +10,22 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True, highlight=False)
+
+
+def step_progress(enabled: bool) -> Progress:
+    """The trainers' progress bar (on stderr, gone when done; off under Slurm or ``logging.progress=false``)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )
 
 
 def _clean(v: Any) -> Any:

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, rng_state, set_rng_state
+from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, restore, rng_state
 from pop_nemo.config import Config, ConfigError
-from pop_nemo.logging import RunLogger, console
+from pop_nemo.logging import RunLogger, console, step_progress
 from pop_nemo.policies.base import Policy, TokenBatch
 
 
@@ -265,7 +265,6 @@ def train_dpo(
 ) -> dict[str, Any]:
     """Train (or resume) DPO; return the final summary (train steps and held-out metrics)."""
     import yaml
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pop_nemo.models import resolve_model_path
 
@@ -329,21 +328,10 @@ def train_dpo(
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     start = 0
     if resume is not None:
-        policy.load(resume.path / "policy")
-        set_rng_state(resume.state["rng"])
-        logger.truncate(resume.state["offsets"])
-        start = resume.step
+        start = restore(resume, policy, logger)
         console.print(f"resumed from {resume.path} (step {start})")
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not cfg.logging.progress,
-        transient=True,
-    )
+    progress = step_progress(cfg.logging.progress)
     with progress:
         bar = progress.add_task("dpo", total=stop, completed=start)
         for step in range(start, stop):

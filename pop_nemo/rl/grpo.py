@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+import yaml
 
 from pop_nemo import build, signals
-from pop_nemo.checkpoint import Checkpointer, ResumeError, rng_state, set_rng_state
+from pop_nemo.checkpoint import Checkpointer, ResumeError, restore, rng_state
 from pop_nemo.config import Config
 from pop_nemo.eval.runner import evaluate_during_training
-from pop_nemo.logging import RunLogger, console, summary_line
+from pop_nemo.logging import RunLogger, console, step_progress, summary_line
 from pop_nemo.models import resolve_model_path
 from pop_nemo.policies.base import TokenBatch
 from pop_nemo.rl.advantages import compute_advantages
@@ -135,27 +135,16 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
     a = cfg.algo
     loss_cfg = LossConfig(clip_eps=a.clip_eps, kl_coef=a.kl_coef, kl_mode=a.kl_mode, aggregation=a.aggregation)
     logger = RunLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
-    (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     start = 0
     if resume is not None:
-        policy.load(resume.path / "policy")
+        start = restore(resume, policy, logger)
         policy_engine.update_weights(policy.engine_weights())
         corpus.load_state_dict(resume.state["corpus"])
-        set_rng_state(resume.state["rng"])
-        logger.truncate(resume.state["offsets"])
-        start = resume.step
         console.print(f"resumed from {resume.path} (step {start})")
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not cfg.logging.progress,
-        transient=True,
-    )
+    progress = step_progress(cfg.logging.progress)
     with progress:
         bar = progress.add_task("self-play", total=cfg.trainer.max_steps, completed=start)
         for step in range(start, cfg.trainer.max_steps):
