@@ -11,7 +11,8 @@ Every rank runs the same online loop with the same seed. The policy is the only 
 part: :class:`pop_nemo.policies.megatron.MegatronPolicy` takes rank 0's batch (broadcast) so a
 rank whose rollouts diverged cannot train on different data, and it writes checkpoints into
 rank 0's folder. Outputs (metrics, records, checkpoint state) are rank 0's; other ranks write
-theirs under ``<output_dir>/ranks/rank_<r>/`` where they are never read by a user.
+theirs under ``<output_dir>/ranks/rank_<r>/`` where they are never read by a user, and print
+nothing to the console (``pop_nemo.commands.train``).
 """
 
 from __future__ import annotations

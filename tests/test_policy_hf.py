@@ -171,6 +171,28 @@ def test_train_step_changes_weights_and_reports_lr():
     assert any(not torch.equal(before[k], v) for k, v in params(policy.model).items())
 
 
+def test_pad_token_inside_a_prompt_gets_its_gradient():
+    """pad = eos is a real token in ChatML prompts (SmolLM2's ``<|im_end|>``): its embedding is
+    trained like any other (transformers' ``padding_idx`` would freeze it), and the step's gradient
+    is the true gradient of the loss, as Megatron's is."""
+    policy = make_policy(max_grad_norm=1e9)  # no clipping: the gradients stay as computed
+    assert policy.model.get_input_embeddings().padding_idx is None
+    batch = make_batch()
+    batch.input_ids[:, 1] = 0  # the pad id, inside every prompt (the rows are right-padded with it too)
+    batch = with_extras(policy, batch)
+    loss_fn = loss_fn_for(batch, LossConfig())
+
+    want = tiny_model()  # the policy's initial weights; a plain backward of the same loss
+    want.get_input_embeddings().padding_idx = None
+    lp = token_logprobs(want(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.input_ids)
+    loss_fn(lp, batch)[0].backward()
+
+    policy.train_step(batch, loss_fn)
+    got = grads(policy.model)["model.embed_tokens.weight"]
+    assert got[0].abs().sum() > 0
+    torch.testing.assert_close(got, want.get_input_embeddings().weight.grad, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- schedule
 
 

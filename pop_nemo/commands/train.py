@@ -8,6 +8,7 @@ import argparse
 def run(args: argparse.Namespace) -> int:
     from pop_nemo import launch
     from pop_nemo.config import load_config
+    from pop_nemo.logging import console
     from pop_nemo.rl.grpo import train
 
     if getattr(args, "nproc", None):
@@ -19,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     launch.discover_env()  # torchrun / srun ranks: rank 0 owns the outputs
     if rank_overrides := launch.rank_overrides(cfg.output_dir):
         cfg = load_config(args.config, overrides + rank_overrides)
+        console.quiet = True  # rank 0 reports; the other ranks' lines would repeat it
     train(cfg, fresh=args.fresh, require_resume=args.resume)
     return 0
 

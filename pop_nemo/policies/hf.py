@@ -8,11 +8,27 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pop_nemo.policies.base import LossFn, TokenBatch, token_logprobs, warmup_cosine
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def _train_pad_embedding(model: PreTrainedModel) -> None:
+    """Give the pad token's input embedding its gradient, like any other token's.
+
+    transformers builds ``nn.Embedding(padding_idx=pad_token_id)``, whose row never gets a
+    gradient. Where pad is also a real token (SmolLM2: pad = eos = ``<|im_end|>``, in every ChatML
+    prompt) that silently freezes it, and the step differs from Megatron's, which has no
+    ``padding_idx``. Padding needs no such guard: it is right padding under causal attention and
+    outside the loss mask, so its gradient is zero anyway."""
+    emb = model.get_input_embeddings()
+    if isinstance(emb, torch.nn.Embedding):
+        emb.padding_idx = None
 
 
 class HFPolicy:
@@ -33,6 +49,7 @@ class HFPolicy:
         gradient_checkpointing: bool = False,
     ):
         self.model, self.reference, self.tokenizer = model, reference, tokenizer
+        _train_pad_embedding(model)
         if reference is not None:
             reference.eval().requires_grad_(False)
         if gradient_checkpointing:

@@ -26,7 +26,9 @@ whole micro-batches with rows whose loss mask is 0, and every rank gets the full
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +59,20 @@ def te_available() -> bool:
     except Exception:
         return False
     return bool(HAVE_TE)
+
+
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Undo what importing Megatron-Bridge does to the root logger: it imports ``megatron.training``,
+    whose module-level ``logging.basicConfig(level=INFO)`` sends every library's INFO records to
+    stdout on every rank (megatron's lists each gradient bucket's parameters, one line each)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -132,8 +148,9 @@ class MegatronPolicy:
     # ------------------------------------------------------------------ construction
 
     def _provider(self, tp: int, pp: int, bf16: bool, sequence_parallel: bool, recompute: bool):
-        from megatron.bridge import AutoBridge
-        from megatron.bridge.models.gpt_provider import local_layer_spec
+        with _root_logging_kept():
+            from megatron.bridge import AutoBridge
+            from megatron.bridge.models.gpt_provider import local_layer_spec
 
         bridge = AutoBridge.from_hf_pretrained(self.model_path)
         p = bridge.to_megatron_provider(load_weights=True)

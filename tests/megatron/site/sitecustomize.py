@@ -1,0 +1,17 @@
+"""Test-only: every Python process started with this folder on PYTHONPATH installs the CPU shim
+first: the ranks that ``pop-nemo train --nproc 2`` starts under torchrun, in the end-to-end test.
+
+Processes that run no megatron code skip it, as installing imports all of megatron.core (seconds
+each): the launchers (``pop-nemo train --nproc N``, torchrun's agent) and ``python -c`` helpers
+(multiprocessing's children, such as the Manager that megatron's checkpoint writer starts)."""
+
+import sys
+from pathlib import Path
+
+_LAUNCHER = {"--nproc", "--nproc-per-node", "--nproc_per_node"}
+if sys.argv[:1] != ["-c"] and not _LAUNCHER & set(sys.argv):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+    from tests.megatron import cpu_shim
+
+    cpu_shim.install()
