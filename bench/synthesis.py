@@ -35,7 +35,7 @@ from pop_nemo.selfplay.synthesize import Synthesizer, build_self_engine, count
 
 
 def run_once(synth: Synthesizer, engine, docs, batched: bool) -> dict:
-    engine.grammars._cache.clear()
+    engine.grammars.clear()
     before = dict(engine.stats)
     t, cpu = time.perf_counter(), time.process_time()
     examples = []

@@ -48,6 +48,12 @@ class GrammarCache:
                 self._cache.move_to_end(guide)
             return got
 
+    def clear(self) -> None:
+        """Forget every compiled grammar (ours and xgrammar's own cache); benchmarks start cold."""
+        with self._lock:
+            self._cache.clear()
+            self.compiler.clear_cache()
+
     def matcher(self, guide: Guide) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(guide))
 
