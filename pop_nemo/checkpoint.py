@@ -56,6 +56,7 @@ def _guarded(cfg: Config) -> dict[str, Any]:
         "algo": d["algo"],
         "rollout.n": d["rollout"]["n"],
         "rollout.docs_per_step": d["rollout"]["docs_per_step"],
+        "policy.backend": d["policy"]["backend"],  # an HF checkpoint is no Megatron one, and back
     }
 
 
@@ -95,7 +96,8 @@ class Checkpointer:
     def check_compatible(self, ckpt: Checkpoint) -> None:
         """Refuse a checkpoint of another model or of a config that changes what training means."""
         saved, now = ckpt.state.get("guarded", {}), _guarded(self.cfg)
-        diffs = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        # A key that a checkpoint predates (policy.backend came later) is not compared.
+        diffs = [k for k in sorted(now) if k in saved and saved[k] != now[k]]
         if diffs:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diffs[:4])
             raise ResumeError(

@@ -33,6 +33,30 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def resume_disagreement(steps: list[int]) -> str | None:
+    """Why ranks cannot resume together (each rank's checkpoint step, by rank), or None."""
+    if len(set(steps)) <= 1:
+        return None
+    shown = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+    return (
+        f"the ranks found different checkpoints to resume from ({shown}); the run was stopped between "
+        "the ranks' saves, or its folder was copied without ranks/. Delete the newer checkpoints so all "
+        "ranks hold the same latest step, or start again with --fresh"
+    )
+
+
+def check_ranks_resume_together(step: int) -> None:
+    """Fail on every rank, instead of hanging in the policy's collective load, when ranks disagree."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    steps: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(steps, step)
+    if why := resume_disagreement(steps):
+        raise RuntimeError(why)
+
+
 def _first_slurm_host(nodelist: str) -> str:
     """First host of a Slurm node list (``node[01-04,07],other`` → ``node01``) without scontrol."""
     m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from pop_nemo import build, signals
+from pop_nemo import build, launch, signals
 from pop_nemo.checkpoint import Checkpointer, ResumeError, restore, rng_state
 from pop_nemo.config import Config
 from pop_nemo.eval.runner import evaluate_during_training
@@ -115,6 +115,7 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
     )
 
     backends = build.build_backends(cfg, model_path)
+    launch.check_ranks_resume_together(resume.step if resume is not None else 0)
     policy, policy_engine = backends.policy, backends.policy_engine
     pick = {"policy": policy_engine, "reference": backends.reference_engine}
     critic = build.build_critic(cfg, backends)
