@@ -230,15 +230,14 @@ class HFEngine:
         out, attn, positions = self._prefill(rows)
         while True:
             cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
+            # Rows sample on the CPU with their own seeded generators: one transfer per step on a GPU.
+            logits = out.logits[:, -1, :].float().cpu()
             logp = torch.log_softmax(logits, dim=-1)
             guided = [p for p, b in enumerate(active) if matchers[b] is not None]
             for p in guided:
                 matchers[active[p]].fill_next_token_bitmask(bitmask, p)
             if guided:
                 apply_bitmask(logits, bitmask[: len(active)], guided)
-            # Rows sample on the CPU with their own seeded generators (one transfer per step on a GPU).
-            logits, logp = logits.cpu(), logp.cpu()
             next_tokens: list[int] = []
             keep: list[int] = []
             for p, b in enumerate(active):
