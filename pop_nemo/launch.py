@@ -49,12 +49,14 @@ def check_ranks_resume_together(step: int) -> None:
     """Fail on every rank, instead of hanging in the policy's collective load, when ranks disagree."""
     import torch.distributed as dist
 
+    from pop_nemo.checkpoint import ResumeError
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     steps: list[int] = [0] * dist.get_world_size()
     dist.all_gather_object(steps, step)
     if why := resume_disagreement(steps):
-        raise RuntimeError(why)
+        raise ResumeError(why)  # the CLI prints it as one line and exits 2
 
 
 def _first_slurm_host(nodelist: str) -> str:
