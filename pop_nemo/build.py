@@ -85,28 +85,15 @@ class Backends:
 
 
 def build_backends(cfg: Config, model_path: str) -> Backends:
+    check_policy_backend(cfg)
     check_rollout_backend(cfg)
     if cfg.policy.backend == "megatron":
         return _build_megatron(cfg, model_path)
-    if cfg.policy.backend != "hf":
-        raise ConfigError(f"policy.backend={cfg.policy.backend!r} is not available in this build; use 'hf'")
-    from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer
-    from pop_nemo.policies.hf import HFPolicy
+    from pop_nemo.models import load_tokenizer
 
     tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype)
-    reference = load_causal_lm(model_path, cfg.model.dtype)
-    fix_special_tokens(tok, model)
-    fix_special_tokens(tok, reference)
-    p = cfg.policy
-    policy = HFPolicy(
-        model,
-        reference,
-        tok,
-        **_optimizer_kwargs(cfg),
-        bf16_autocast=p.bf16_autocast,
-        gradient_checkpointing=p.gradient_checkpointing,
-    )
+    policy = _hf_policy(cfg, model_path, tok, _optimizer_kwargs(cfg))
+    model, reference = policy.model, policy.reference
     policy_engine, reference_engine = rollout_engines(cfg, model_path, tok, model, reference)
     return Backends(policy, policy_engine, reference_engine, tok)
 
@@ -124,6 +111,30 @@ def _optimizer_kwargs(cfg: Config) -> dict:
         "max_grad_norm": p.max_grad_norm,
         "micro_batch_size": p.micro_batch_size,
     }
+
+
+def check_policy_backend(cfg: Config) -> None:
+    """Fail before any model loads when ``policy.backend=megatron`` cannot run here."""
+    if cfg.policy.backend != "megatron":
+        return
+    import importlib.util
+
+    import torch
+
+    try:
+        missing = any(importlib.util.find_spec(m) is None for m in ("megatron.core", "megatron.bridge"))
+    except ModuleNotFoundError:  # no `megatron` package at all
+        missing = True
+    if missing:
+        raise ConfigError(
+            "policy.backend=megatron needs megatron-core and megatron-bridge: run scripts/install.sh "
+            "(or use the NGC image of containers/Dockerfile), or set policy.backend=hf"
+        )
+    if not torch.cuda.is_available() and not getattr(torch.cuda, "_pop_nemo_cpu_shim", False):
+        raise ConfigError(
+            "policy.backend=megatron needs CUDA GPUs (megatron-core calls CUDA directly) and none is visible; "
+            "set policy.backend=hf to run on this machine"
+        )
 
 
 def check_rollout_backend(cfg: Config) -> None:
@@ -213,25 +224,80 @@ def rollout_engines(cfg: Config, model_path: str, tokenizer, policy_model=None, 
 def _build_megatron(cfg: Config, model_path: str) -> Backends:
     """Megatron policy (TP/PP/DP from ``cfg.megatron``); rollout engines refit from its weights."""
     from pop_nemo.models import load_tokenizer
-    from pop_nemo.policies.megatron import MegatronPolicy
 
     tok = load_tokenizer(model_path)
-    p, m = cfg.policy, cfg.megatron
-    policy = MegatronPolicy(
+    with_reference = cfg.megatron.reference and cfg.algo.kl_mode != "none"
+    policy = _megatron_policy(cfg, model_path, tok, _optimizer_kwargs(cfg), with_reference)
+    policy_engine, reference_engine = rollout_engines(cfg, model_path, tok)
+    return Backends(policy, policy_engine, reference_engine, tok)
+
+
+def _megatron_policy(cfg: Config, model_path: str, tok, optimizer: dict, with_reference: bool, row_group: int = 1):
+    from pop_nemo.policies.megatron import MegatronPolicy
+
+    m = cfg.megatron
+    return MegatronPolicy(
         model_path,
         tok,
-        **_optimizer_kwargs(cfg),
+        **optimizer,
         tensor_model_parallel_size=m.tensor_model_parallel_size,
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
         bf16=m.bf16,
         sequence_parallel=m.sequence_parallel,
         use_distributed_optimizer=m.use_distributed_optimizer,
-        activation_recompute=m.activation_recompute or p.gradient_checkpointing,
-        with_reference=m.reference and cfg.algo.kl_mode != "none",
+        activation_recompute=m.activation_recompute or cfg.policy.gradient_checkpointing,
+        with_reference=with_reference,
+        row_group=row_group,
         seed=cfg.seed,
     )
-    policy_engine, reference_engine = rollout_engines(cfg, model_path, tok)
-    return Backends(policy, policy_engine, reference_engine, tok)
+
+
+def build_dpo_policy(cfg: Config, model_path: str, total_steps: int, warmup_steps: int) -> tuple[Policy, object]:
+    """``pop-nemo dpo``'s policy and tokenizer: the trained model and its frozen reference (the
+    initial weights), with ``dpo.*``'s schedule and ``policy.*``'s optimizer settings. Rows are a
+    chosen and a rejected per pair: micro-batches hold ``2 × dpo.micro_batch_size`` rows and the
+    Megatron policy keeps each pair on one data-parallel rank."""
+    from pop_nemo.models import load_tokenizer
+
+    check_policy_backend(cfg)
+    d = cfg.dpo
+    optimizer = {
+        **_optimizer_kwargs(cfg),
+        "lr": d.lr,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps,
+        "min_lr_ratio": d.min_lr_ratio,
+        "micro_batch_size": 2 * d.micro_batch_size,
+    }
+    tok = load_tokenizer(model_path)
+    tok.padding_side = "right"
+    if cfg.policy.backend == "megatron":
+        return _megatron_policy(cfg, model_path, tok, optimizer, with_reference=True, row_group=2), tok
+    return _hf_policy(cfg, model_path, tok, optimizer), tok
+
+
+def _hf_policy(cfg: Config, model_path: str, tok, optimizer: dict):
+    """The HF policy and its frozen reference, both on the GPU when there is one."""
+    import torch
+
+    from pop_nemo.models import fix_special_tokens, load_causal_lm
+    from pop_nemo.policies.hf import HFPolicy
+
+    model = load_causal_lm(model_path, cfg.model.dtype)
+    reference = load_causal_lm(model_path, cfg.model.dtype)
+    for m in (model, reference):
+        fix_special_tokens(tok, m)
+    if torch.cuda.is_available():
+        model, reference = model.to("cuda"), reference.to("cuda")
+    p = cfg.policy
+    return HFPolicy(
+        model,
+        reference,
+        tok,
+        **optimizer,
+        bf16_autocast=p.bf16_autocast,
+        gradient_checkpointing=p.gradient_checkpointing,
+    )
 
 
 def build_critic(cfg: Config, backends: Backends) -> Critic:

@@ -1,18 +1,18 @@
-"""Multi-process launch for ``pop-nemo train``: ``--nproc N``, ``torchrun`` and Slurm ``srun``.
+"""Multi-process launch for ``pop-nemo train`` and ``dpo``: ``--nproc N``, ``torchrun`` and Slurm ``srun``.
 
-* ``pop-nemo train --nproc 2 ...`` re-runs the same command under ``torch.distributed.run``
+* ``pop-nemo train --nproc 2 ...`` (or ``dpo``) re-runs the same command under ``torch.distributed.run``
   (single node, a free loopback port), one process per rank.
 * Under ``torchrun`` the usual ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` are set already.
 * Under ``srun`` (one task per GPU) :func:`discover_env` maps ``SLURM_PROCID``/``SLURM_NTASKS``/
   ``SLURM_LOCALID`` to those names and takes the master address from the first host of
   ``SLURM_JOB_NODELIST`` (``MASTER_PORT`` defaults to a port derived from the job id).
 
-Every rank runs the same online loop with the same seed. The policy is the only collective
+Every rank runs the same loop (online, or DPO) with the same seed. The policy is the only collective
 part: :class:`pop_nemo.policies.megatron.MegatronPolicy` takes rank 0's batch (broadcast) so a
 rank whose rollouts diverged cannot train on different data, and it writes checkpoints into
 rank 0's folder. Outputs (metrics, records, checkpoint state) are rank 0's; other ranks write
 theirs under ``<output_dir>/ranks/rank_<r>/`` where they are never read by a user, and print
-nothing to the console (``pop_nemo.commands.train``).
+nothing to the console (:func:`rank_config`).
 """
 
 from __future__ import annotations
@@ -146,25 +146,33 @@ def torchrun_command(nproc: int, module_args: list[str], port: int | None = None
     ]
 
 
-def train_argv(args) -> list[str]:
-    """``pop-nemo train`` arguments equivalent to a parsed namespace, without ``--nproc``."""
-    argv = ["train", "--config", str(args.config)]
-    if args.output_dir:
-        argv += ["--output-dir", str(args.output_dir)]
-    if args.resume:
-        argv.append("--resume")
-    if args.fresh:
-        argv.append("--fresh")
+def command_argv(args) -> list[str]:
+    """``pop-nemo train`` / ``dpo`` arguments equivalent to a parsed namespace, without ``--nproc``."""
+    argv = [args.command, "--config", str(args.config)]
+    for name in ("pairs", "output_dir"):
+        if value := getattr(args, name, None):
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    argv += [f"--{name}" for name in ("resume", "fresh") if getattr(args, name, False)]
     return argv + list(args.overrides)
 
 
-def relaunch_train(args) -> int:
-    """``pop-nemo train --nproc N``: the same command as N ranks under torchrun; its exit code."""
+def relaunch(args) -> int:
+    """``pop-nemo train|dpo --nproc N``: the same command as N ranks under torchrun; its exit code."""
     if args.nproc < 1:
         raise ValueError("--nproc must be >= 1")
     if world_size() > 1:
         raise RuntimeError("--nproc was given inside a multi-rank launch (torchrun/srun): leave it out")
-    return subprocess.call(torchrun_command(args.nproc, train_argv(args)))
+    from pop_nemo.build import check_policy_backend
+    from pop_nemo.config import ConfigError, load_config
+
+    cfg = load_config(args.config, list(args.overrides))  # a bad field fails here once, not on every rank
+    if args.nproc > 1 and cfg.policy.backend != "megatron":
+        raise ConfigError(
+            f"--nproc {args.nproc} starts ranks of the Megatron policy, but policy.backend={cfg.policy.backend!r} "
+            "trains in one process: add policy.backend=megatron, or leave --nproc out"
+        )
+    check_policy_backend(cfg)
+    return subprocess.call(torchrun_command(args.nproc, command_argv(args)))
 
 
 def rank_overrides(output_dir: str) -> list[str]:
@@ -179,3 +187,18 @@ def rank_overrides(output_dir: str) -> list[str]:
         "logging.wandb_project=null",
         "logging.progress=false",
     ]
+
+
+def rank_config(config: str | None, overrides: list[str], output_dir: str | None = None):
+    """The config this process runs: ``--output-dir`` applied, and on a non-zero rank its scratch
+    folder (:func:`rank_overrides`) and a quiet console (rank 0 reports for all)."""
+    from pop_nemo.config import load_config
+    from pop_nemo.logging import console
+
+    overrides = list(overrides) + ([f"output_dir={output_dir}"] if output_dir else [])
+    cfg = load_config(config, overrides)
+    discover_env()  # torchrun / srun ranks: rank 0 owns the outputs
+    if extra := rank_overrides(cfg.output_dir):
+        cfg = load_config(config, overrides + extra)
+        console.quiet = True
+    return cfg

@@ -54,6 +54,56 @@ def engine(hf_model, tokenizer):
     return HFEngine(hf_model, tokenizer, max_batch=8)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer, saved as an HF folder (trains in milliseconds on CPU)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def preference_pair(problem: str, good: str, bad: str) -> dict:
+    """One row of ``pop-nemo pairs``' output."""
+    return {
+        "prompt": [{"role": "system", "content": "Answer inside <answer> tags."}, {"role": "user", "content": problem}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad}],
+    }
+
+
+@pytest.fixture(scope="session")
+def dpo_pairs(tmp_path_factory) -> Path:
+    """12 pairs in ``pop-nemo pairs``' format."""
+    import json
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [
+        preference_pair(
+            f"Question {i}: name a colour.", f"Blue, number {i}. <answer>blue</answer>", f"I do not know {i}."
+        )
+        for i in range(12)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_cli(
     *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:

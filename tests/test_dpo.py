@@ -20,6 +20,7 @@ from pop_nemo.rl.dpo import (
     tokenize_pair,
     train_dpo,
 )
+from tests.conftest import preference_pair
 
 
 def _sigmoid(x: float) -> float:
@@ -103,16 +104,10 @@ def test_split_is_datasets_train_test_split(n):
     assert split_indices(n, 0.0, 42) == (list(range(n)), [])
 
 
-def _pair(problem: str, good: str, bad: str) -> dict:
-    return {
-        "prompt": [{"role": "system", "content": "Answer inside <answer> tags."}, {"role": "user", "content": problem}],
-        "chosen": [{"role": "assistant", "content": good}],
-        "rejected": [{"role": "assistant", "content": bad}],
-    }
-
-
 def test_tokenize_pair_matches_the_chat_template(tokenizer):
-    pair = _pair("What is 2+2?", "Four. <answer>4</answer>", "Five, I think, after long thought. <answer>5</answer>")
+    pair = preference_pair(
+        "What is 2+2?", "Four. <answer>4</answer>", "Five, I think, after long thought. <answer>5</answer>"
+    )
     t = tokenize_pair(tokenizer, pair, max_length=512, max_prompt_length=256)
     # The prompt is exactly what the engines feed the solver (chat template + generation prompt).
     want_prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True)
@@ -149,41 +144,6 @@ def test_config_validation():
 # ---------------------------------------------------------------- the loop, on a tiny real Llama
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer):
-    """A 2-layer Llama with SmolLM2's tokenizer, saved as an HF folder (fast to train on CPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    rows = [
-        _pair(f"Question {i}: name a colour.", f"Blue, number {i}. <answer>blue</answer>", f"I do not know {i}.")
-        for i in range(12)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _cfg(model: str, *extra: str):
     return load_config(
         "conf/offline/dpo_smoke_cpu.yaml",
@@ -206,14 +166,14 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "final_model" / "model.safetensors"))
 
 
-def test_gradient_accumulation_equals_one_big_micro_batch(tiny_model, pairs_file):
-    from pop_nemo.rl.dpo import build_dpo_policy
+def test_gradient_accumulation_equals_one_big_micro_batch(tiny_llama, dpo_pairs):
+    from pop_nemo.build import build_dpo_policy
 
-    raw = load_pairs(pairs_file)[:4]
+    raw = load_pairs(dpo_pairs)[:4]
     after = []
     for micro in (1, 4):
-        cfg = _cfg(tiny_model, f"dpo.micro_batch_size={micro}")
-        policy, tok = build_dpo_policy(cfg, tiny_model, total_steps=1, warmup_steps=0)
+        cfg = _cfg(tiny_llama, f"dpo.micro_batch_size={micro}")
+        policy, tok = build_dpo_policy(cfg, tiny_llama, total_steps=1, warmup_steps=0)
         batch = pair_batch([tokenize_pair(tok, p, 256, 128) for p in raw], tok.pad_token_id)
         batch.extras = {"ref_logps": sequence_logps(policy.logprobs(batch, reference=True), batch.loss_mask)}
         metrics = policy.train_step(batch, make_loss_fn(cfg.dpo.beta, len(raw)))
@@ -225,8 +185,8 @@ def test_gradient_accumulation_equals_one_big_micro_batch(tiny_model, pairs_file
         assert torch.allclose(w1[k], w4[k], atol=1e-7), k
 
 
-def test_train_eval_resume(tiny_model, pairs_file, tmp_path):
-    full = train_dpo(_cfg(tiny_model), pairs_file, tmp_path / "full")
+def test_train_eval_resume(tiny_llama, dpo_pairs, tmp_path):
+    full = train_dpo(_cfg(tiny_llama), dpo_pairs, tmp_path / "full")
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
@@ -242,9 +202,9 @@ def test_train_eval_resume(tiny_model, pairs_file, tmp_path):
 
     # Stop after step 1 (a checkpoint), rerun: same weights, same metrics, no duplicated row.
     part = tmp_path / "part"
-    stopped = train_dpo(_cfg(tiny_model, "dpo.max_steps=1", "dpo.save_every=1"), pairs_file, part)
+    stopped = train_dpo(_cfg(tiny_llama, "dpo.max_steps=1", "dpo.save_every=1"), dpo_pairs, part)
     assert stopped == {"step": 1, "total_steps": 3}
-    resumed = train_dpo(_cfg(tiny_model, "dpo.save_every=1"), pairs_file, part)
+    resumed = train_dpo(_cfg(tiny_llama, "dpo.save_every=1"), dpo_pairs, part)
     assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-6)
     part_rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in part_rows] == [r["step"] for r in rows]
@@ -256,10 +216,10 @@ def test_train_eval_resume(tiny_model, pairs_file, tmp_path):
     assert all(torch.allclose(wf[k], wp[k], atol=1e-6) for k in wf)
 
     # A finished run does nothing; other pairs are refused.
-    assert train_dpo(_cfg(tiny_model), pairs_file, part) == json.loads((part / "eval.json").read_text())
+    assert train_dpo(_cfg(tiny_llama), dpo_pairs, part) == json.loads((part / "eval.json").read_text())
     other = tmp_path / "other.jsonl"
-    other.write_text(pairs_file.read_text().replace("Blue", "Green"))
+    other.write_text(dpo_pairs.read_text().replace("Blue", "Green"))
     from pop_nemo.checkpoint import ResumeError
 
     with pytest.raises(ResumeError, match="pairs_sha256"):
-        train_dpo(_cfg(tiny_model), other, part)
+        train_dpo(_cfg(tiny_llama), other, part)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pop_nemo.commands import add_run_options
+
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None):
     from pop_nemo.config import load_config
@@ -35,10 +37,13 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 
 def run_dpo(args: argparse.Namespace) -> int:
+    from pop_nemo import launch
     from pop_nemo.rl.dpo import train_dpo
 
-    cfg = _config(args)
-    train_dpo(cfg, args.pairs, args.output_dir or cfg.output_dir, fresh=args.fresh, require_resume=args.resume)
+    if args.nproc:
+        return launch.relaunch(args)
+    cfg = launch.rank_config(args.config, args.overrides, args.output_dir)
+    train_dpo(cfg, args.pairs, cfg.output_dir, fresh=args.fresh, require_resume=args.resume)
     return 0
 
 
@@ -65,10 +70,6 @@ def register(sub) -> None:
     d.add_argument("--config", required=True, help="YAML config, e.g. conf/offline/dpo_smoke_cpu.yaml")
     d.add_argument("--pairs", required=True, help="pairs JSONL written by `pop-nemo pairs`")
     d.add_argument("--output-dir", help="run folder (default: output_dir of the config)")
-    g = d.add_mutually_exclusive_group()
-    g.add_argument(
-        "--resume", action="store_true", help="require a checkpoint to resume from (default: resume if one exists)"
-    )
-    g.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoints and outputs first")
+    add_run_options(d)
     d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.05 dpo.batch_size=8")
     d.set_defaults(func=run_dpo)

@@ -20,8 +20,10 @@ Same protocol and the same numerics as :class:`pop_nemo.policies.hf.HFPolicy`:
   plus ``policy_state.json`` with the step count.
 * ``export_hf`` writes an HF folder through the bridge (rank 0 writes, all ranks gather).
 
-Batches are taken from global rank 0 (broadcast), split across data-parallel ranks, padded to
-whole micro-batches with rows whose loss mask is 0, and every rank gets the full result back.
+Batches are taken from global rank 0 (broadcast), split across data-parallel ranks in whole
+groups of ``row_group`` rows (DPO: a chosen and its rejected row stay on one rank and in one
+micro-batch), padded to whole micro-batches with rows whose loss mask is 0, and every rank gets
+the full result back.
 """
 
 from __future__ import annotations
@@ -61,13 +63,24 @@ def te_available() -> bool:
     return bool(HAVE_TE)
 
 
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 @contextlib.contextmanager
 def _root_logging_kept() -> Iterator[None]:
-    """Undo what importing Megatron-Bridge does to the root logger: it imports ``megatron.training``,
+    """Undo what importing Megatron-Bridge does to the loggers: it imports ``megatron.training``,
     whose module-level ``logging.basicConfig(level=INFO)`` sends every library's INFO records to
     stdout on every rank (megatron's lists each gradient bucket's parameters, one line each)."""
+    # Its import_utils logs every optional symbol it cannot import (Transformer Engine's, without
+    # TE) at INFO with a traceback, through a handler of its own: keep warnings and errors only.
+    probes = logging.getLogger("megatron.bridge.utils.import_utils")
+    if _warnings_only not in probes.filters:
+        probes.addFilter(_warnings_only)
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    if not handlers:  # basicConfig leaves a root logger that has a handler alone
+        root.addHandler(logging.NullHandler())
     try:
         yield
     finally:
@@ -103,6 +116,7 @@ class MegatronPolicy:
         use_distributed_optimizer: bool | None = None,
         activation_recompute: bool = False,
         with_reference: bool = True,
+        row_group: int = 1,
         seed: int = 1234,
     ):
         from pop_nemo.launch import init_distributed
@@ -119,7 +133,9 @@ class MegatronPolicy:
         self.ps = ps
         self.tokenizer = tokenizer
         self.model_path = str(model_path)
-        self.micro_batch_size = micro_batch_size
+        if micro_batch_size % row_group:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be a multiple of row_group={row_group}")
+        self.micro_batch_size, self.row_group = micro_batch_size, row_group
         self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
         self.steps_done = 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -262,11 +278,9 @@ class MegatronPolicy:
 
     def _local(self, batch: TokenBatch) -> tuple[TokenBatch, int, int, int]:
         """This DP rank's rows, padded to whole micro-batches: (rows, start, real count, micro-batches)."""
-        dp, dp_rank = self._dp
-        n = len(batch)
-        per = math.ceil(n / dp)
-        start, stop = min(dp_rank * per, n), min((dp_rank + 1) * per, n)
-        num_micro = max(math.ceil(per / self.micro_batch_size), 1)
+        if len(batch) % self.row_group:
+            raise ValueError(f"a batch of {len(batch)} rows does not split into groups of {self.row_group}")
+        start, stop, num_micro = local_rows(len(batch), *self._dp, self.micro_batch_size, self.row_group)
         rows = num_micro * self.micro_batch_size
         idx = list(range(start, stop)) + [0] * (rows - (stop - start))
         local = batch.select(torch.tensor(idx, dtype=torch.long))
@@ -473,6 +487,18 @@ class MegatronPolicy:
                 self.tokenizer.save_pretrained(path)
             (path / "pop_nemo.json").write_text(json.dumps({"exported_by": "pop_nemo", "backend": "megatron"}))
         dist.barrier()
+
+
+def local_rows(n: int, dp: int, dp_rank: int, micro_batch_size: int, group: int = 1) -> tuple[int, int, int]:
+    """``(start, stop, micro-batches)`` of a DP rank's contiguous share of ``n`` rows.
+
+    Shares are whole groups of ``group`` rows (DPO's chosen/rejected pair is one group), so a
+    group never straddles two ranks; with ``micro_batch_size`` a multiple of ``group`` and the
+    share starting a micro-batch, it never straddles two micro-batches either. Every rank runs
+    the same number of micro-batches (the pipeline schedule needs it); short ranks pad."""
+    per = math.ceil(n / (dp * group)) * group
+    start, stop = min(dp_rank * per, n), min((dp_rank + 1) * per, n)
+    return start, stop, max(math.ceil(per / micro_batch_size), 1)
 
 
 def _to(mb: TokenBatch, dev: torch.device) -> TokenBatch:

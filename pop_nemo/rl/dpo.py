@@ -11,9 +11,11 @@ assistant message (its text and end-of-turn), tokenized separately; the prompt k
 ``max_prompt_length`` tokens and the completion is cut to fit ``max_length``. (TRL also appends
 a second EOS after the template's end-of-turn; we do not.)
 
-It speaks only the Policy protocol (``logprobs(batch, reference=True)``, ``train_step``): each
-optimizer step is one ``train_step`` over ``batch_size`` pairs, as chosen/rejected rows side by
-side in micro-batches of ``micro_batch_size`` pairs (gradient accumulation). Checkpoints are
+It speaks only the Policy protocol (``logprobs(batch, reference=True)``, ``train_step``), so it
+runs on the HF policy and on the Megatron policy (``policy.backend=megatron``, its ranks launched
+by ``--nproc N``, torchrun or srun as for ``pop-nemo train``). Each optimizer step is one
+``train_step`` over ``batch_size`` pairs, as chosen/rejected rows side by side in micro-batches
+of ``micro_batch_size`` pairs (gradient accumulation). Checkpoints are
 atomic (``pop_nemo.checkpoint``); a rerun resumes from the last one, cuts ``metrics.jsonl`` back
 to it, and refuses other pairs or DPO settings.
 """
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pop_nemo import build, launch
 from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, restore, rng_state
 from pop_nemo.config import Config, ConfigError
 from pop_nemo.logging import RunLogger, console, step_progress
@@ -193,46 +196,6 @@ def pair_batch(pairs: list[TokenizedPair], pad_id: int) -> TokenBatch:
     return TokenBatch.from_sequences(prompts, completions, pad_id)
 
 
-# ---------------------------------------------------------------- policy
-
-
-def build_dpo_policy(cfg: Config, model_path: str, total_steps: int, warmup_steps: int) -> tuple[Policy, Any]:
-    """The trained policy and its frozen reference (the initial weights); returns (policy, tokenizer)."""
-    if cfg.policy.backend != "hf":
-        raise ConfigError(
-            f"policy.backend={cfg.policy.backend!r}: `pop-nemo dpo` runs on the HF policy in this build "
-            "(the Megatron policy plugs in through the same Policy protocol once its launcher supports DPO); use 'hf'"
-        )
-    from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer
-    from pop_nemo.policies.hf import HFPolicy
-
-    tok = load_tokenizer(model_path)
-    tok.padding_side = "right"
-    model = load_causal_lm(model_path, cfg.model.dtype)
-    reference = load_causal_lm(model_path, cfg.model.dtype)
-    for m in (model, reference):
-        fix_special_tokens(tok, m)
-    if torch.cuda.is_available():
-        model, reference = model.to("cuda"), reference.to("cuda")
-    p, d = cfg.policy, cfg.dpo
-    policy = HFPolicy(
-        model,
-        reference,
-        tok,
-        lr=d.lr,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        min_lr_ratio=d.min_lr_ratio,
-        weight_decay=p.weight_decay,
-        betas=(p.betas[0], p.betas[1]),
-        max_grad_norm=p.max_grad_norm,
-        micro_batch_size=2 * d.micro_batch_size,  # rows: a chosen and a rejected per pair
-        bf16_autocast=p.bf16_autocast,
-        gradient_checkpointing=p.gradient_checkpointing,
-    )
-    return policy, tok
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -314,7 +277,8 @@ def train_dpo(
         f"β={d.beta} lr={d.lr} batch={d.batch_size} steps={total_steps} (warmup {warmup_steps}) → {out}"
     )
     model_path = resolve_model_path(cfg.model.path)
-    policy, tok = build_dpo_policy(cfg, model_path, total_steps, warmup_steps)
+    policy, tok = build.build_dpo_policy(cfg, model_path, total_steps, warmup_steps)
+    launch.check_ranks_resume_together(resume.step if resume is not None else 0)
     pad_id = tok.pad_token_id
     data = [tokenize_pair(tok, p, d.max_length, d.max_prompt_length) for p in raw]
     truncated = sum(

@@ -20,6 +20,19 @@ def assert_steps_close(got: list[dict], want: list[dict], keys=("loss", "pg_loss
             assert close(g[k], w[k]), f"step {i + 1} {k}: megatron {g[k]!r} vs reference {w[k]!r}"
 
 
+def assert_metrics_rows_match(mg: dict, hf: dict, rel: float, abs_: float = 1e-9, volatile=("time_",)) -> None:
+    """One metrics.jsonl row of a Megatron run against the HF run's: the same keys, the same
+    integers, floats within ``rel``; wall-clock keys (prefixes ``volatile``) are not compared."""
+    keys = {k for k in hf if not k.startswith(volatile)}
+    assert keys == {k for k in mg if not k.startswith(volatile)}
+    for k in sorted(keys):
+        a, b = mg[k], hf[k]
+        if isinstance(a, float) or isinstance(b, float):
+            assert close(a, b, rel, abs_), f"step {hf['step']} {k}: megatron {a!r} vs hf {b!r}"
+        else:
+            assert a == b, f"step {hf['step']} {k}: megatron {a!r} vs hf {b!r}"
+
+
 def assert_logprobs(r: dict) -> None:
     assert r["tiny_logprobs_max_abs_diff"] <= LOGPROB_TOL_TINY, r["tiny_logprobs_max_abs_diff"]
     assert r["tiny_ref_logprobs_max_abs_diff"] <= LOGPROB_TOL_TINY, r["tiny_ref_logprobs_max_abs_diff"]

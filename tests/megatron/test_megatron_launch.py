@@ -1,8 +1,11 @@
-"""Rank discovery for torchrun / srun, and `pop-nemo train --nproc` argument handling."""
+"""Rank discovery for torchrun / srun, `--nproc` argument handling, the data-parallel split."""
 
 from __future__ import annotations
 
 import argparse
+
+import pytest
+import torch
 
 from pop_nemo import launch
 
@@ -39,8 +42,9 @@ def test_slurm_nodelist_forms():
     assert launch._first_slurm_host("n[3,5-7]") == "n3"
 
 
-def test_train_argv_drops_nproc_and_keeps_everything_else():
+def test_command_argv_drops_nproc_and_keeps_everything_else():
     args = argparse.Namespace(
+        command="train",
         config="conf/pop_7b.yaml",
         output_dir="runs/x",
         resume=True,
@@ -48,7 +52,7 @@ def test_train_argv_drops_nproc_and_keeps_everything_else():
         overrides=["trainer.max_steps=3"],
         nproc=8,
     )
-    argv = launch.train_argv(args)
+    argv = launch.command_argv(args)
     assert argv == [
         "train",
         "--config",
@@ -62,6 +66,10 @@ def test_train_argv_drops_nproc_and_keeps_everything_else():
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nnodes"]
     assert "--nproc-per-node" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "8"
     assert cmd[-len(argv) :] == argv
+    dpo = argparse.Namespace(
+        command="dpo", config="c.yaml", pairs="p.jsonl", output_dir=None, resume=False, fresh=True, overrides=[]
+    )
+    assert launch.command_argv(dpo) == ["dpo", "--config", "c.yaml", "--pairs", "p.jsonl", "--fresh"]
 
 
 def test_non_zero_ranks_write_elsewhere(monkeypatch):
@@ -71,3 +79,26 @@ def test_non_zero_ranks_write_elsewhere(monkeypatch):
     assert "output_dir=runs/x/ranks/rank_1" in over and "logging.tensorboard=false" in over
     monkeypatch.setenv("RANK", "0")
     assert launch.rank_overrides("runs/x") == []
+
+
+def test_data_parallel_split_keeps_row_groups_whole():
+    from pop_nemo.policies.megatron import local_rows
+
+    # 3 DPO pairs = 6 rows over 2 ranks, micro-batches of 2 rows (1 pair): 2 pairs, then 1 (+ padding)
+    assert [local_rows(6, 2, r, 2, group=2) for r in (0, 1)] == [(0, 4, 2), (4, 6, 2)]
+    # without groups the same rows split 3 + 3, cutting pair 1 across the ranks
+    assert [local_rows(6, 2, r, 2) for r in (0, 1)] == [(0, 3, 2), (3, 6, 2)]
+    # more ranks than groups: the last rank gets none and runs padding micro-batches
+    assert [local_rows(4, 4, r, 2, group=2) for r in range(4)] == [(0, 2, 1), (2, 4, 1), (4, 4, 1), (4, 4, 1)]
+    assert local_rows(32, 2, 1, 4, group=2) == (16, 32, 4)
+
+
+def test_megatron_backend_on_a_machine_without_cuda_is_a_config_error():
+    from pop_nemo.build import check_policy_backend
+    from pop_nemo.config import ConfigError, load_config
+
+    if torch.cuda.is_available() or getattr(torch.cuda, "_pop_nemo_cpu_shim", False):
+        pytest.skip("this machine can run the Megatron policy")
+    with pytest.raises(ConfigError, match="policy.backend=megatron needs"):
+        check_policy_backend(load_config(None, ["policy.backend=megatron"]))
+    check_policy_backend(load_config(None, []))  # hf: nothing to check

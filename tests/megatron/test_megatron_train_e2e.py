@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, run_cli
+from tests.megatron.checks import assert_metrics_rows_match
 from tests.megatron.launching import megatron_installed
 
 pytestmark = [
@@ -82,17 +83,6 @@ def runs(tmp_path_factory):
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
 
 
-def _assert_metrics_match(mg: dict, hf: dict) -> None:
-    keys = {k for k in hf if not k.startswith(VOLATILE)}
-    assert keys == {k for k in mg if not k.startswith(VOLATILE)}
-    for k in sorted(keys):
-        a, b = mg[k], hf[k]
-        if isinstance(b, float) or isinstance(a, float):
-            assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-9), f"step {hf['step']} {k}: megatron {a!r} vs hf {b!r}"
-        else:
-            assert a == b, f"step {hf['step']} {k}: megatron {a!r} vs hf {b!r}"
-
-
 def test_each_run_writes_one_metrics_row_per_step(runs):
     first = [json.loads(line) for line in runs["metrics_1"].splitlines()]
     assert [m["step"] for m in first] == [1]
@@ -107,7 +97,7 @@ def test_each_run_writes_one_metrics_row_per_step(runs):
 def test_step_1_matches_the_hf_backend(runs):
     mg, hf = _lines(runs["mg"] / "metrics.jsonl")[0], _lines(runs["hf"] / "metrics.jsonl")[0]
     assert hf["degenerate_group_rate"] == 0.0 and hf["grad_norm"] > 1.0, "step 1 must train (see COMMON)"
-    _assert_metrics_match(mg, hf)
+    assert_metrics_rows_match(mg, hf, REL, volatile=VOLATILE)
     assert _lines(runs["mg"] / "records.jsonl")[0] == _lines(runs["hf"] / "records.jsonl")[0]
 
 
@@ -123,7 +113,9 @@ def test_rerun_resumes_and_adds_exactly_the_new_step(runs):
 def test_step_2_after_resume_and_refit_matches_uninterrupted_hf(runs):
     mg, hf = _lines(runs["mg"] / "metrics.jsonl")[1], _lines(runs["hf"] / "metrics.jsonl")[1]
     assert hf["kl"] > 1e-3, "step 1 must have moved the weights away from the reference"
-    _assert_metrics_match(mg, hf)  # kl: the resumed weights are step 1's; lr: the schedule resumed
+    assert_metrics_rows_match(
+        mg, hf, REL, volatile=VOLATILE
+    )  # kl: the resumed weights are step 1's; lr: the schedule resumed
     assert _lines(runs["mg"] / "records.jsonl")[1] == _lines(runs["hf"] / "records.jsonl")[1]
 
 

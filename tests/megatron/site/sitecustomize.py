@@ -3,15 +3,22 @@ first: the ranks that ``pop-nemo train --nproc 2`` starts under torchrun, in the
 
 Processes that run no megatron code skip it, as installing imports all of megatron.core (seconds
 each): the launchers (``pop-nemo train --nproc N``, torchrun's agent) and ``python -c`` helpers
-(multiprocessing's children, such as the Manager that megatron's checkpoint writer starts)."""
+(multiprocessing's children, such as the Manager that megatron's checkpoint writer starts). The
+launchers only get the shim's mark, so that ``pop-nemo``'s check that the ranks can run the
+Megatron policy (CUDA, or this shim) passes as it will in the ranks."""
 
 import sys
 from pathlib import Path
 
 _LAUNCHER = {"--nproc", "--nproc-per-node", "--nproc_per_node"}
-if sys.argv[:1] != ["-c"] and not _LAUNCHER & set(sys.argv):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+if sys.argv[:1] != ["-c"]:
+    if _LAUNCHER & set(sys.argv):
+        import torch
 
-    from tests.megatron import cpu_shim
+        torch.cuda._pop_nemo_cpu_shim = True  # what cpu_shim.install() sets, without the install
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-    cpu_shim.install()
+        from tests.megatron import cpu_shim
+
+        cpu_shim.install()
