@@ -12,7 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a message is one line in a log file (Slurm's, CI's), not cut at 80 columns.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def step_progress(enabled: bool) -> Progress:

@@ -162,6 +162,14 @@ def test_resume_refuses_a_different_config(uninterrupted: Path):
         (None, ["model.path=./no/such/model"], "does not exist"),
         (None, ["rollout.n=1"], "rollout.n=1"),
         (None, ["corpus.source=./missing.jsonl"], "does not exist"),
+        # Whole sentences: a message is one line in a log, not cut at the console's 80 columns.
+        (None, ["--nproc", "2"], "but policy.backend='hf' trains in one process: add policy.backend=megatron"),
+        pytest.param(
+            None,
+            ["policy.backend=megatron"],
+            "none is visible; set policy.backend=hf to run on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can run the Megatron policy"),
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_error_before_loading_a_model(tmp_path, setup, overrides, message):
