@@ -119,8 +119,6 @@ def check_policy_backend(cfg: Config) -> None:
         return
     import importlib.util
 
-    import torch
-
     try:
         missing = any(importlib.util.find_spec(m) is None for m in ("megatron.core", "megatron.bridge"))
     except ModuleNotFoundError:  # no `megatron` package at all
@@ -130,7 +128,9 @@ def check_policy_backend(cfg: Config) -> None:
             "policy.backend=megatron needs megatron-core and megatron-bridge: run scripts/install.sh "
             "(or use the NGC image of containers/Dockerfile), or set policy.backend=hf"
         )
-    if not torch.cuda.is_available() and not getattr(torch.cuda, "_pop_nemo_cpu_shim", False):
+    from pop_nemo.policies.megatron import runs_here
+
+    if not runs_here():
         raise ConfigError(
             "policy.backend=megatron needs CUDA GPUs (megatron-core calls CUDA directly) and none is visible; "
             "set policy.backend=hf to run on this machine"

@@ -52,6 +52,11 @@ _FUSIONS = (
 )
 
 
+def runs_here() -> bool:
+    """CUDA is visible, or the test suite's CPU shim stands in for it (tests/megatron/cpu_shim.py)."""
+    return torch.cuda.is_available() or getattr(torch.cuda, "_pop_nemo_cpu_shim", False)
+
+
 def te_available() -> bool:
     """True when megatron-core found a real Transformer Engine (and a GPU to run it)."""
     if not torch.cuda.is_available():
@@ -121,7 +126,7 @@ class MegatronPolicy:
     ):
         from pop_nemo.launch import init_distributed
 
-        if not torch.cuda.is_available() and not getattr(torch.cuda, "_pop_nemo_cpu_shim", False):
+        if not runs_here():
             raise RuntimeError(
                 "policy.backend=megatron needs CUDA: megatron-core hard-codes CUDA calls. On CPU it runs only "
                 "inside the test suite, which maps them to CPU (tests/megatron/cpu_shim.py)"
