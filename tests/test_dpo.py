@@ -223,3 +223,41 @@ def test_train_eval_resume(tiny_llama, dpo_pairs, tmp_path):
 
     with pytest.raises(ResumeError, match="pairs_sha256"):
         train_dpo(_cfg(tiny_llama), other, part)
+
+
+def test_usr1_checkpoints_the_current_step_exits_75_and_the_rerun_finishes(tiny_llama, dpo_pairs, tmp_path):
+    """Slurm's warning before the time limit, to a real `pop-nemo dpo` process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pop_nemo.signals import EXIT_REQUEUE
+    from tests.conftest import ROOT, run_cli
+
+    out = tmp_path / "run"
+    # 9 training pairs one at a time: 9 steps, so the signal lands well before the last one.
+    args = ["dpo", "--config", "conf/offline/dpo_smoke_cpu.yaml", "--pairs", str(dpo_pairs), "--output-dir", str(out)]
+    args += [f"model.path={tiny_llama}", "dpo.batch_size=1", "dpo.micro_batch_size=1", "dpo.eval_fraction=0.2"]
+    args += ["logging.tensorboard=false", "logging.progress=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pop_nemo.cli", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env
+    )
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if line.startswith("step    1/9"):
+            p.send_signal(signal.SIGUSR1)
+            break
+    err = "".join(seen) + p.stderr.read()
+    assert p.wait(timeout=120) == EXIT_REQUEUE, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stopped_at = rows[-1]["step"]
+    assert 1 <= stopped_at < 9 and "stopping after step" in err and "SIGUSR1" in err
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"  # save_every is 50
+
+    rerun = run_cli(*args)
+    assert f"(step {stopped_at})" in rerun.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 10)) + [9]  # every step once, then held-out

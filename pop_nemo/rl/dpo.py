@@ -17,7 +17,8 @@ by ``--nproc N``, torchrun or srun as for ``pop-nemo train``). Each optimizer st
 ``train_step`` over ``batch_size`` pairs, as chosen/rejected rows side by side in micro-batches
 of ``micro_batch_size`` pairs (gradient accumulation). Checkpoints are
 atomic (``pop_nemo.checkpoint``); a rerun resumes from the last one, cuts ``metrics.jsonl`` back
-to it, and refuses other pairs or DPO settings.
+to it, and refuses other pairs or DPO settings. ``SIGUSR1`` (Slurm's warning before the time
+limit) checkpoints after the current step and exits 75, as in ``pop-nemo train``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pop_nemo import build, launch
+from pop_nemo import build, launch, signals
 from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, restore, rng_state
 from pop_nemo.config import Config, ConfigError
 from pop_nemo.logging import RunLogger, console, step_progress
@@ -231,6 +232,7 @@ def train_dpo(
 
     from pop_nemo.models import resolve_model_path
 
+    stop = signals.install()  # SIGUSR1 (Slurm, before the time limit): checkpoint at the step's end, exit 75
     d = cfg.dpo
     out = Path(output_dir)
     if cfg.trainer.num_threads:
@@ -247,7 +249,7 @@ def train_dpo(
     steps_per_epoch = math.ceil(len(train_idx) / d.batch_size)
     total_steps = steps_per_epoch * d.epochs
     warmup_steps = math.ceil(d.warmup_ratio * total_steps)
-    stop = min(total_steps, d.max_steps) if d.max_steps else total_steps
+    last_step = min(total_steps, d.max_steps) if d.max_steps else total_steps
 
     if fresh:
         for name in ("checkpoints", "metrics.jsonl", "records.jsonl", "tb", "eval.json", "final_model"):
@@ -297,8 +299,8 @@ def train_dpo(
 
     progress = step_progress(cfg.logging.progress)
     with progress:
-        bar = progress.add_task("dpo", total=stop, completed=start)
-        for step in range(start, stop):
+        bar = progress.add_task("dpo", total=last_step, completed=start)
+        for step in range(start, last_step):
             t0 = time.perf_counter()
             epoch, k = divmod(step, steps_per_epoch)
             order = epoch_order(len(train_idx), d.seed, epoch)
@@ -320,14 +322,18 @@ def train_dpo(
                 f"step {step + 1:>4}/{total_steps} | loss {metrics['loss']:.4f} | margin {metrics['reward_margin']:+.5f}"
                 f" | acc {metrics['reward_accuracy']:.2f} | lr {metrics['lr']:.2e} | {dt:.1f}s"
             )
-            if (step + 1) % d.save_every == 0 or step + 1 == stop:
+            last = step + 1 == last_step
+            if stop.poll() or (step + 1) % d.save_every == 0 or last:
                 ckpt.save(step + 1, policy, {"rng": rng_state(), "offsets": logger.offsets(), "dpo_guard": guard})
             progress.update(bar, advance=1)
+            if stop.stopped and not last:
+                logger.close()
+                stop.exit_if_stopped(step + 1)
 
-    if stop < total_steps:
+    if last_step < total_steps:
         logger.close()
-        console.print(f"stopped after step {stop} of {total_steps} (dpo.max_steps); run again to continue")
-        return {"step": stop, "total_steps": total_steps}
+        console.print(f"stopped after step {last_step} of {total_steps} (dpo.max_steps); run again to continue")
+        return {"step": last_step, "total_steps": total_steps}
 
     result: dict[str, Any] = {
         "step": total_steps,
