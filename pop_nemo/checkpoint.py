@@ -70,6 +70,13 @@ class Checkpoint:
         return int(self.state["step"])
 
 
+def discard(out: Path, names: tuple[str, ...]) -> None:
+    """``--fresh``: remove a previous run's outputs (files or folders) under ``out``, where present."""
+    for name in names:
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def restore(ckpt: Checkpoint, policy, logger) -> int:
     """What every trainer restores: the policy (weights, optimizer, schedule), the RNG, and the logs
     cut back to the checkpoint's offsets. Returns the step to go on from."""
@@ -92,6 +99,16 @@ class Checkpointer:
         if not state_file.is_file():
             raise ResumeError(f"{marker} points at {path}, which has no state.json; the checkpoint folder was damaged")
         return Checkpoint(path, json.loads(state_file.read_text()))
+
+    def resume_point(self, require: bool = False) -> Checkpoint | None:
+        """The checkpoint a run goes on from, checked against this config; None starts a new run.
+        ``require`` (``--resume``) makes "no checkpoint" an error."""
+        ckpt = self.latest()
+        if ckpt is not None:
+            self.check_compatible(ckpt)
+        elif require:
+            raise ResumeError(f"--resume was given but {self.root} holds no checkpoint")
+        return ckpt
 
     def check_compatible(self, ckpt: Checkpoint) -> None:
         """Refuse a checkpoint of another model or of a config that changes what training means."""

@@ -1,10 +1,10 @@
-"""Resume guards: what a checkpoint refuses, and ranks that disagree on where to resume."""
+"""Resume guards: what a checkpoint refuses, ranks that disagree on where to resume, and --fresh."""
 
 from __future__ import annotations
 
 import pytest
 
-from pop_nemo.checkpoint import Checkpoint, Checkpointer, ResumeError, _guarded
+from pop_nemo.checkpoint import Checkpoint, Checkpointer, ResumeError, _guarded, discard
 from pop_nemo.config import load_config
 from pop_nemo.launch import check_ranks_resume_together, resume_disagreement
 
@@ -42,3 +42,28 @@ def test_ranks_must_resume_from_the_same_step():
 
 def test_single_process_needs_no_agreement():
     check_ranks_resume_together(5)  # no process group: returns without a collective
+
+
+class _NoWeights:
+    def save(self, path):
+        path.mkdir(parents=True)
+
+
+def test_resume_point_checks_the_config_and_honours_require(tmp_path):
+    cfg = load_config(None, [])
+    ckpts = Checkpointer(tmp_path / "checkpoints", cfg)
+    assert ckpts.resume_point() is None  # a new run
+    with pytest.raises(ResumeError, match="--resume was given but .*checkpoints holds no checkpoint"):
+        ckpts.resume_point(require=True)
+    ckpts.save(2, _NoWeights(), {})
+    assert ckpts.resume_point(require=True).step == 2
+    with pytest.raises(ResumeError, match="seed"):
+        Checkpointer(tmp_path / "checkpoints", load_config(None, ["seed=7"])).resume_point()
+
+
+def test_fresh_discards_only_the_named_outputs(tmp_path):
+    (tmp_path / "checkpoints" / "step_000001").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "keep.txt").write_text("mine")
+    discard(tmp_path, ("checkpoints", "metrics.jsonl", "tb"))  # tb: absent, fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

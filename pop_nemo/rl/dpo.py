@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from pop_nemo import build, launch, signals
-from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, restore, rng_state
+from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, discard, restore, rng_state
 from pop_nemo.config import Config, ConfigError
+from pop_nemo.engines.prefix import common_prefix
 from pop_nemo.logging import RunLogger, console, step_progress
 from pop_nemo.policies.base import Policy, TokenBatch
 
@@ -158,11 +158,7 @@ def tokenize_pair(tokenizer, pair: dict[str, Any], max_length: int, max_prompt_l
 
     def completion(msgs: list[dict[str, str]]) -> tuple[str, int]:
         full = _template(tokenizer, pair["prompt"] + msgs, False)
-        common = 0  # TRL: the longest common prefix (some templates render the prompt differently)
-        for a, b in zip(prompt_text, full):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(prompt_text, full)  # TRL's: some templates render the prompt differently
         return full[common:], common
 
     chosen_text, c1 = completion(pair["chosen"])
@@ -252,15 +248,12 @@ def train_dpo(
     last_step = min(total_steps, d.max_steps) if d.max_steps else total_steps
 
     if fresh:
-        for name in ("checkpoints", "metrics.jsonl", "records.jsonl", "tb", "eval.json", "final_model"):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        discard(out, ("checkpoints", "metrics.jsonl", "records.jsonl", "tb", "eval.json", "final_model"))
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", cfg, keep=d.keep_checkpoints)
-    resume = ckpt.latest()
+    resume = ckpt.resume_point(require=require_resume)
     guard = _guarded(cfg, pairs_sha)
     if resume is not None:
-        ckpt.check_compatible(resume)
         saved = resume.state.get("dpo_guard", {})
         diffs = [k for k in sorted(set(saved) | set(guard)) if saved.get(k) != guard.get(k)]
         if diffs:
@@ -268,8 +261,6 @@ def train_dpo(
                 f"cannot resume DPO from {resume.path}: {', '.join(diffs)} changed (other pairs, model or dpo settings). "
                 "Use another --output-dir, or --fresh to discard it."
             )
-    elif require_resume:
-        raise ResumeError(f"--resume was given but {out / 'checkpoints'} holds no checkpoint")
     if resume is not None and resume.step >= total_steps and (out / "eval.json").is_file():
         console.print(f"DPO in {out} is complete ({total_steps} steps); nothing to do")
         return json.loads((out / "eval.json").read_text())

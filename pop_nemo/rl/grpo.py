@@ -7,7 +7,6 @@ stand behind them is decided by config in ``pop_nemo.build``.
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 import yaml
 
 from pop_nemo import build, launch, signals
-from pop_nemo.checkpoint import Checkpointer, ResumeError, restore, rng_state
+from pop_nemo.checkpoint import Checkpointer, discard, restore, rng_state
 from pop_nemo.config import Config
 from pop_nemo.eval.runner import evaluate_during_training
 from pop_nemo.logging import RunLogger, console, step_progress, summary_line
@@ -101,15 +100,9 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
     corpus = build.build_corpus(cfg)
     model_path = resolve_model_path(cfg.model.path)
     if fresh:
-        for name in ("checkpoints", "metrics.jsonl", "records.jsonl", "tb"):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        discard(out, ("checkpoints", "metrics.jsonl", "records.jsonl", "tb"))
     ckpt = Checkpointer(out / "checkpoints", cfg, keep=cfg.trainer.keep_checkpoints)
-    resume = ckpt.latest()
-    if resume is not None:
-        ckpt.check_compatible(resume)
-    elif require_resume:
-        raise ResumeError(f"--resume was given but {out / 'checkpoints'} holds no checkpoint")
+    resume = ckpt.resume_point(require=require_resume)
     console.print(
         f"[bold]pop-nemo train[/] task={cfg.task} model={cfg.model.path} corpus={cfg.corpus.source} ({len(corpus)} docs) → {out}"
     )
