@@ -158,6 +158,7 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "tests" / "conf" / "tiny.yaml"))
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--items", type=int, default=128, help="one-item requests per client count (at least 2 per client)")
+    p.add_argument("--min-per-client", type=int, default=2, help="a level sends at least this many requests per client")
     p.add_argument("--max-batch", type=int, default=64, help="serve.max_batch of the batched server")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -183,7 +184,7 @@ def main() -> int:
             for label, _ in modes:
                 url = servers[label][1]
                 before = batch_stats(url)
-                row = asyncio.run(drive(url, c, max(args.items, 2 * c)))
+                row = asyncio.run(drive(url, c, max(args.items, args.min_per_client * c)))
                 after = batch_stats(url)
                 calls = after[1] - before[1]
                 row["mean_batch"] = (after[0] - before[0]) / calls if calls else None
@@ -193,6 +194,8 @@ def main() -> int:
                     f"p99={row['p99_s']:.2f}s mean_batch={row['mean_batch']:.1f} invalid={row['invalid']}",
                     flush=True,
                 )
+                if args.json:  # after every level, so a run cut short keeps the levels it finished
+                    Path(args.json).write_text(json.dumps(results, indent=1))
     finally:
         for proc, _ in servers.values():
             proc.terminate()

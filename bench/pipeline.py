@@ -47,12 +47,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the model runs (cuda: the GPU; sampling stays on the CPU)")
+    ap.add_argument("--json", help="also write the final result here")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.dtype=bfloat16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [f"rollout.n={args.n}", f"rollout.docs_per_step={args.docs}"])
+    cfg = load_config(args.config, [f"rollout.n={args.n}", f"rollout.docs_per_step={args.docs}", *args.overrides])
     path = resolve_model_path(cfg.model.path)
     tok = load_tokenizer(path)
-    engine = HFEngine(load_causal_lm(path), tok, max_batch=cfg.rollout.max_batch)
+    model = load_causal_lm(path, cfg.model.dtype).to(args.device)
+    engine = HFEngine(model, tok, max_batch=cfg.rollout.max_batch)
     rec = Recording(engine)
     from pop_nemo.critic.local import LocalCritic
 
@@ -107,19 +111,22 @@ def main() -> None:
         print(json.dumps(rows[-1]))
     stage = sum(r["stage_tokens"] for r in rows) / sum(r["stage_tokens"] / r["stage_tok_s"] for r in rows)
     raw = sum(r["raw_tokens"] for r in rows) / sum(r["raw_tokens"] / r["raw_tok_s"] for r in rows)
-    print(
-        json.dumps(
-            {
-                "ratio": stage / raw,
-                "stage_tok_s": stage,
-                "raw_tok_s": raw,
-                "docs": args.docs,
-                "n": args.n,
-                "repeats": args.repeats,
-                "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-            }
-        )
-    )
+    result = {
+        "ratio": stage / raw,
+        "stage_tok_s": stage,
+        "raw_tok_s": raw,
+        "docs": args.docs,
+        "n": args.n,
+        "repeats": args.repeats,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+    }
+    if args.device != "cpu":
+        result["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+        result["dtype"] = cfg.model.dtype
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f)
 
 
 if __name__ == "__main__":

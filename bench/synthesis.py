@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-share-prefixes", action="store_true", help="plain padded prefill in the engine")
+    ap.add_argument("--json", help="also write the result here")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,6 +122,9 @@ def main() -> None:
         "ratio_cpu_seconds": med["sequential"]["cpu_seconds"] / med["batched"]["cpu_seconds"],
     }
     print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f)
     s, b = med["sequential"], med["batched"]
     print(
         f"| {device} | {cfg.model.path} | {args.docs} × N={args.n} | {cfg.rollout.max_batch} | "

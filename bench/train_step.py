@@ -38,6 +38,9 @@ PRESETS = {
     # Qwen2.5-0.5B's shape, random weights (494M params)
     "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # Qwen2.5-1.5B's shape, random weights (1.54B params)
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }  # fmt: skip
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
