@@ -62,6 +62,21 @@ def test_summary_table_rows_and_count():
     ]
 
 
+def test_gpu_commands_measure_what_the_issue_asks():
+    """The GPU run's sizes: synthesis 16 docs × N=8 at 64 rows per forward, the critic at 1/8/64
+    clients, both train-step shapes in bf16, and everything on CUDA."""
+    cmds = {p.name: " ".join(kit.command(p, "gpu", {"work": "W", "wheels": "-", "template": "T"})) for p in kit.PARTS}
+    assert "--docs 16 --n 8 --max-batch 64" in cmds["synthesis"]
+    assert "--device cuda --clients 1 8 64" in cmds["critic_load"]
+    assert (
+        "--preset qwen2-0.5b --bf16" in cmds["train_step_0.5b"]
+        and "--preset qwen2-1.5b --bf16" in cmds["train_step_1.5b"]
+    )
+    assert "--device cuda" in cmds["pipeline"] and "--shape smollm2-135m" in cmds["models"]
+    assert all("--expect cuda" in cmds[f"online_{b}"] for b in ("hf", "megatron"))
+    assert cmds["pytest_gpu"].endswith("-m pytest -m gpu -q -p no:cacheprovider --junitxml W/pytest_gpu.xml")
+
+
 def test_placement_flags_every_object_off_the_expected_device():
     devices = {
         "policy": ["cuda"],
@@ -83,6 +98,32 @@ def test_module_devices_reads_parameters():
     assert online.module_devices([lin, torch.nn.Linear(1, 1)]) == ["cpu"]
     assert online.module_devices(type("Engine", (), {"model": lin})()) == ["cpu"]
     assert online.module_devices(None) == []
+
+
+def test_placement_reads_every_object_build_makes():
+    """A Megatron-like policy (a list of modules, no reference) on one device and an engine left
+    on another: the engine is named (meta stands in for the second device)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pop_nemo.build import Backends
+
+    lin = torch.nn.Linear(2, 2)
+    backends = Backends(
+        policy=SimpleNamespace(model=[lin, lin], reference=None),
+        policy_engine=SimpleNamespace(model=torch.nn.Linear(2, 2, device="meta")),
+        reference_engine=SimpleNamespace(model=lin),
+        tokenizer=None,
+    )
+    devices = online.placement(backends)
+    assert devices == {
+        "policy": ["cpu"],
+        "policy_reference": [],
+        "policy_engine": ["meta"],
+        "reference_engine": ["cpu"],
+    }
+    assert online.placement_problems(devices, "cpu") == ["policy_engine on meta, expected cpu"]
 
 
 def test_contract_problems_names_what_is_missing():

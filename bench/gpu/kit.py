@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +36,8 @@ class Part:
     name: str
     what: str  # one line for the summary
     budget: tuple[int, int]  # seconds: (GPU, CPU rehearsal)
-    argv: dict[str, list[str]]  # per mode ('gpu', 'cpu'); {work} is replaced by the work folder
+    argv: dict[str, list[str]]  # per mode ('gpu', 'cpu'); {work}, {wheels}, {template} are filled in
     result: str | None = None  # the JSON file it writes, relative to the work folder
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def _py(*args: str) -> list[str]:
@@ -74,17 +73,7 @@ ENV = (
 CRITIC = ["bench/critic_load.py", "--config", "tests/conf/tiny.yaml", "--json", "{work}/critic_load.json"]
 CRITIC += ["--log-dir", "{work}", "--min-per-client", "1"]
 SYNTH = ["bench/synthesis.py", "--config", "conf/offline/tiny_cpu.yaml", "--json", "{work}/synthesis.json"]
-PIPE = [
-    "bench/pipeline.py",
-    "--config",
-    "tests/conf/tiny.yaml",
-    "--docs",
-    "2",
-    "--n",
-    "2",
-    "--json",
-    "{work}/pipeline.json",
-]
+PIPE = "bench/pipeline.py --config tests/conf/tiny.yaml --docs 2 --n 2 --json {work}/pipeline.json".split()
 
 PARTS = [
     Part(
@@ -226,8 +215,8 @@ def summary_table(mode: str, results: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_part(part: Part, mode: str, subs: dict[str, str], budget: int, work: Path, env: dict) -> dict:
-    """Run one part under its budget (its whole process group is killed at the end of it)."""
+def command(part: Part, mode: str, subs: dict[str, str]) -> list[str]:
+    """The part's argv with the placeholders filled in ({wheels}: every carried wheel)."""
     argv = []
     for a in part.argv[mode]:
         if a == "{wheels}":
@@ -236,6 +225,12 @@ def run_part(part: Part, mode: str, subs: dict[str, str], budget: int, work: Pat
             for k, v in subs.items():
                 a = a.replace("{" + k + "}", v)
             argv.append(a)
+    return argv
+
+
+def run_part(part: Part, mode: str, subs: dict[str, str], budget: int, work: Path, env: dict) -> dict:
+    """Run one part under its budget (its whole process group is killed at the end of it)."""
+    argv = command(part, mode, subs)
     log = work / "logs" / f"{part.name}.log"
     if "{wheels}" in part.argv[mode] and not any(a.endswith(".whl") for a in argv):
         return {"name": part.name, "what": part.what, "status": "skipped (no wheels)", "seconds": 0, "budget": budget}
@@ -280,14 +275,14 @@ def main() -> int:
     ap.add_argument("--carry", default=str(ROOT / ".gpu"), help="what prepare wrote (wheels/, smollm2/)")
     ap.add_argument("--only", help="comma-separated part names (wheels, env and models always run first)")
     ap.add_argument("--deadline", type=float, help="seconds; no part starts or runs past it (default 540, --cpu 1800)")
+    ap.add_argument("--dry-run", action="store_true", help="print each part's budget and command, run nothing")
     ap.add_argument("--budget", action="append", default=[], metavar="PART=S", help="change one part's budget")
     args = ap.parse_args()
     t_start = time.monotonic()
     mode = "cpu" if args.cpu else "gpu"
     deadline = args.deadline or (1800 if args.cpu else 540)
     out = Path(args.out).resolve()
-    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
-    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work).resolve() if args.work else None
     carry = Path(args.carry).resolve()
     if not (carry / "wheels").is_dir() or not (carry / "smollm2" / "tokenizer.json").is_file():
         print(f"error: --carry {carry} lacks wheels/ or smollm2/: run `bash scripts/gpu_check.sh prepare` first")
@@ -304,12 +299,21 @@ def main() -> int:
             print(f"error: --budget {b!r}: give PART=SECONDS with PART one of {names}")
             return 2
         budgets[name] = int(s)
+    subs = {"work": str(work or "WORK"), "wheels": str(carry / "wheels"), "template": str(carry / "smollm2")}
+    if args.dry_run:
+        for part in PARTS:
+            if part.name in only or part.name in ("wheels", "env", "models"):
+                budget = budgets.get(part.name, part.budget[mode == "cpu"])
+                print(f"{part.name} ({budget} s): {' '.join(command(part, mode, subs))}")
+        return 0
+    work = work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    subs["work"] = str(work)
+    out.mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    subs = {"work": str(work), "wheels": str(carry / "wheels"), "template": str(carry / "smollm2")}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "POP_NEMO_CACHE": str(work / "cache")}
     env["PYTHONPATH"] = os.pathsep.join([str(work / "site"), str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("HF_HUB_OFFLINE", "1")
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    invocation = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     print(f"gpu_check {mode}: {platform.node()}, python {platform.python_version()}; out {out}", flush=True)
     results = []
     for part in PARTS:
@@ -328,8 +332,8 @@ def main() -> int:
             f"{r['name']:>16}: {r['status']} in {r['seconds']:.0f} s  {r.get('headline') or r.get('error', '')}",
             flush=True,
         )
-        (out / "results.json").write_text(json.dumps({"mode": mode, "command": command, "parts": results}, indent=1))
-    table = summary_table(mode, results, command)
+        (out / "results.json").write_text(json.dumps({"mode": mode, "command": invocation, "parts": results}, indent=1))
+    table = summary_table(mode, results, invocation)
     (out / "summary.md").write_text(table)
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
         tar.add(work / "logs", arcname="logs")
