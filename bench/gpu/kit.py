@@ -44,10 +44,23 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
+# conf/offline/tiny_cpu.yaml's lengths and grammar bounds (every guided output fits): random weights
+# write until the limit, and the Megatron path's engines may generate on the CPU.
+SHORT = (
+    "rollout.proposer.max_new_tokens=120 rollout.solver.max_new_tokens=32 rollout.rubric.max_new_tokens=150 "
+    "rollout.judge.max_new_tokens=100 rollout.guide.problem_chars=50 rollout.guide.reference_chars=30 "
+    "rollout.guide.name_chars=16 rollout.guide.gold_chars=16 rollout.guide.description_chars=30 "
+    "rollout.guide.thoughts_chars=16 rollout.guide.max_criteria=1 corpus.max_words=60"
+).split()
+
+
 def _online(backend: str, gpu_overrides: list[str]) -> dict[str, list[str]]:
     base = ["bench/gpu/online.py", "--backend", backend, "--out", f"{{work}}/online_{backend}"]
     base += ["--json", f"{{work}}/online_{backend}.json"]
-    return {"gpu": _py(*base, "--expect", "cuda", *gpu_overrides), "cpu": _py(*base, "--expect", "cpu")}
+    return {
+        "gpu": _py(*base, "--expect", "cuda", *SHORT, *gpu_overrides),
+        "cpu": _py(*base, "--expect", "cpu", *SHORT),
+    }
 
 
 def _train_step(preset: str) -> dict[str, list[str]]:
