@@ -13,18 +13,19 @@ import pytest
 
 from tests.conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+sys.path.append(str(ROOT / "bench" / "gpu"))  # last: its module names shadow nothing installed
 
-import kit  # noqa: E402
 import online  # noqa: E402
+import parts  # noqa: E402
 import prepare  # noqa: E402
+import report  # noqa: E402
 
 
 def test_junit_counts_split_passed_failed_skipped():
     xml = (
         '<testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" tests="10"></testsuite></testsuites>'
     )
-    assert kit.junit_counts(xml) == {"tests": 10, "passed": 4, "failed": 3, "skipped": 3}
+    assert report.junit_counts(xml) == {"tests": 10, "passed": 4, "failed": 3, "skipped": 3}
 
 
 def test_critic_headline_gives_the_ratio_per_client_count():
@@ -34,12 +35,12 @@ def test_critic_headline_gives_the_ratio_per_client_count():
             "max_batch=1": [{"clients": 1, "items_per_s": 2.0}, {"clients": 64, "items_per_s": 2.5}],
         }
     }
-    assert kit.headline("critic_load", data) == (
+    assert report.headline("critic_load", data) == (
         "1 clients 1.00× (2.00 vs 2.00 items/s); 64 clients 4.00× (10.00 vs 2.50 items/s)"
     )
     # a run cut short after its first level still reports that level
     data["runs"]["max_batch=1"] = data["runs"]["max_batch=1"][:1]
-    assert kit.headline("critic_load", data) == "1 clients 1.00× (2.00 vs 2.00 items/s)"
+    assert report.headline("critic_load", data) == "1 clients 1.00× (2.00 vs 2.00 items/s)"
 
 
 def test_summary_table_rows_and_count():
@@ -47,13 +48,15 @@ def test_summary_table_rows_and_count():
         {"name": "env", "what": "versions", "status": "pass", "seconds": 3.4, "budget": 60, "headline": "torch 2"},
         {"name": "synthesis", "what": "batching", "status": "timeout", "seconds": 90.2, "budget": 90, "error": "x"},
     ]
-    assert kit.summary_table("gpu", rows, "kit.py --out o") == (
+    assert report.summary_table("gpu", rows, "kit.py --out o") == (
         "# GPU acceptance kit: gpu run\n\nCommand: `kit.py --out o`\n\n"
         "| part | status | seconds / budget | result | what |\n|---|---|---:|---|---|\n"
         "| env | pass | 3 / 60 | torch 2 | versions |\n"
         "| synthesis | timeout | 90 / 90 | x | batching |\n\n1 of 2 parts passed.\n"
     )
-    assert [kit.failed(s) for s in ("pass", "pass (all skipped)", "skipped (no wheels)", "timeout", "fail (rc 1)")] == [
+    assert [
+        report.failed(s) for s in ("pass", "pass (all skipped)", "skipped (no wheels)", "timeout", "fail (rc 1)")
+    ] == [
         False,
         False,
         False,
@@ -65,7 +68,9 @@ def test_summary_table_rows_and_count():
 def test_gpu_commands_measure_what_the_issue_asks():
     """The GPU run's sizes: synthesis 16 docs × N=8 at 64 rows per forward, the critic at 1/8/64
     clients, both train-step shapes in bf16, and everything on CUDA."""
-    cmds = {p.name: " ".join(kit.command(p, "gpu", {"work": "W", "wheels": "-", "template": "T"})) for p in kit.PARTS}
+    cmds = {
+        p.name: " ".join(parts.command(p, "gpu", {"work": "W", "wheels": "-", "template": "T"})) for p in parts.PARTS
+    }
     assert "--docs 16 --n 8 --max-batch 64" in cmds["synthesis"]
     assert "--device cuda --clients 1 8 64" in cmds["critic_load"]
     assert (

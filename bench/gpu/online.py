@@ -4,8 +4,8 @@ user relies on: where the built policy and rollout engines sit, and the outputs 
 The device of every built object is read from its parameters, not assumed: the kit must show,
 for example, that an engine stayed on the CPU while the policy trains on the GPU.
 
-    python bench/gpu/online.py --backend hf --expect cuda --out /tmp/hf model.dtype=bfloat16
-    python bench/gpu/online.py --backend megatron --expect cuda --out /tmp/meg megatron.bf16=true
+    python bench/gpu/online.py --backend hf --expect cuda --out runs/gpu_hf model.dtype=bfloat16
+    python bench/gpu/online.py --backend megatron --expect cuda --out runs/gpu_megatron megatron.bf16=true
 
 ``--backend megatron`` runs one rank in this process (TP=1); it installs the test suite's
 Megatron shim first (on a GPU without Transformer Engine only its TE placeholder, as

@@ -22,11 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from models import TOKENIZER_FILES  # this folder is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from models import TOKENIZER_FILES  # noqa: E402
 
 CARRY_LIMIT = 64 * 2**20
 # Not carried: the bundled GGUF (random weights stand in), linters and the project itself.
