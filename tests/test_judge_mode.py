@@ -12,7 +12,7 @@ from pop_nemo.critic.local import LocalCritic
 from pop_nemo.engines.base import Sampling
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.rubric import Criterion, tie_stats
-from tests.conftest import TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli
 
 RUBRIC = [
     Criterion("Names vitamin D", "Vitamin D", "says vitamin D", 2.0),
@@ -59,3 +59,40 @@ def test_online_loop_with_per_criterion_judge(tmp_path):
         for a in r["answers"]:
             if a["judge_valid"]:
                 assert [x["name"] for x in a["ratings"]] == [c["name"] for c in r["rubric"]]
+
+
+class _Recording:
+    """An Engine proxy that keeps every request it passes on."""
+
+    def __init__(self, inner):
+        self.inner, self.requests = inner, []
+
+    def generate(self, requests):
+        self.requests.extend(requests)
+        return self.inner.generate(requests)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.slow
+def test_offline_synthesis_with_per_criterion_judge(engine):
+    from pop_nemo import build
+    from pop_nemo.config import load_config
+    from pop_nemo.selfplay.synthesize import Synthesizer
+
+    cfg = load_config(
+        ROOT / "conf/offline/tiny_cpu.yaml",
+        ["offline.n=2", "rollout.judge.mode=per_criterion", "rollout.judge.temperature=0.0",
+         "rollout.guide.max_criteria=2", "rollout.rubric.max_new_tokens=300", "algo.answer_fallback=true"],
+    )  # fmt: skip
+    own = _Recording(engine)
+    synth = Synthesizer(cfg, dict.fromkeys(("proposer", "solver", "rubric", "judge"), own))
+    (e,), _ = synth.run(build.build_corpus(cfg).take(1), first_group_id=0)
+    assert e.rubric_valid, e.rubric_error
+    judged = [a for a in e.answers if a.answer is not None]
+    judge_prompts = [r for r in own.requests if "Now evaluate the candidate answer." in r.messages[-1]["content"]]
+    assert len(judge_prompts) == len(judged) * len(e.rubric)  # one call per (answer, criterion)
+    for a in judged:
+        assert a.judgement.valid, a.judgement.error
+        assert [r.name for r in a.judgement.ratings] == [c.name for c in e.rubric]
