@@ -200,3 +200,15 @@ def test_out_of_range_rating_is_kept_for_clipping():
 @pytest.mark.parametrize(("rating", "score"), [(100.0, 2.0), (-100.0, 0.0), (math.pi, 2.0), (0.25, 0.25)])
 def test_single_criterion_score_is_the_clipped_rating(rating, score):
     assert weighted_score([crit("A", 7)], [Rating("A", rating)]) == pytest.approx(score)
+
+
+def test_weights_near_the_float_limit():
+    # one huge weight: w/Σw first, so the score is 2, not inf (the paper's Σ w·r overflows)
+    assert weighted_score([crit("A", 1e308)], [Rating("A", 2)]) == 2.0
+    with pytest.raises(RubricError, match="sum to more than a float holds"):
+        validate_rubric([raw("A", 1e308), raw("B", 1e308)])
+
+
+def test_empty_evaluation_is_an_error_not_a_zero():
+    with pytest.raises(RubricError, match="empty evaluation"):
+        validate_ratings({})

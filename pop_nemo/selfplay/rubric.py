@@ -122,6 +122,8 @@ def validate_rubric(obj: Any, paper: bool = False) -> list[Criterion]:
     criteria = list(merged.values())
     if not criteria:
         raise RubricError("rubric has no criteria")
+    if not math.isfinite(sum(c.weight for c in criteria)):
+        raise RubricError("rubric weights sum to more than a float holds")
     if not paper and len(criteria) > MAX_CRITERIA:
         raise RubricError(f"rubric has {len(criteria)} criteria; expected {MIN_CRITERIA} to {MAX_CRITERIA}")
     return criteria
@@ -166,10 +168,10 @@ def weighted_score(criteria: list[Criterion], ratings: list[Rating]) -> float:
     """
     by_name = {_key(r.name): r.rating for r in ratings}
     total = sum(c.weight for c in criteria)
-    if not total > 0:
-        raise RubricError("rubric weights must sum to > 0")
-    got = sum(c.weight * min(max(by_name.get(_key(c.name), 0.0), 0.0), MAX_RATING) for c in criteria)
-    return got / total
+    if not 0 < total < math.inf:
+        raise RubricError("rubric weights must sum to a finite number > 0")
+    # w/total first: no overflow for weights near the float limit
+    return sum((c.weight / total) * min(max(by_name.get(_key(c.name), 0.0), 0.0), MAX_RATING) for c in criteria)
 
 
 def reward_from_score(score: float) -> float:
