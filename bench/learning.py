@@ -9,7 +9,7 @@ false``) on the same seed: ``trained`` at the config's learning rate and ``contr
 the updates (refit of the rollout engine included). The reward the 135M judge cannot fake is the
 share of solver replies with an ``<answer>`` block (``solver_format_valid_rate``). The script reads
 each run's ``metrics.jsonl`` and writes ``learning.png`` and ``learning.json`` (per-run means over
-the first and last thirds of the steps, and wall time) into ``--out``. Runs resume when rerun.
+the first and last thirds of the steps, steps that reached an update, and wall time) into ``--out``. Runs resume when rerun.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("solver_format_valid_rate", "reward_mean", "degenerate_group_rate", "time_step")
+KEYS = ("solver_format_valid_rate", "reward_mean", "num_train_samples", "degenerate_group_rate", "time_step")
+PANELS = ("solver_format_valid_rate", "reward_mean", "num_train_samples")
 
 
 def run(name: str, out: Path, steps: int, extra: list[str]) -> float:
@@ -54,7 +55,12 @@ def summarize(out: Path, walls: dict[str, float]) -> dict:
     summary: dict = {}
     for name in ("trained", "control"):
         rows = read_metrics(out / name / "metrics.jsonl")
-        arm: dict = {"steps": len(rows), "wall_s": walls.get(name)}
+        arm: dict = {
+            "steps": len(rows),
+            "wall_s": walls.get(name),
+            "steps_with_update": sum(r.get("loss") is not None for r in rows),  # else every sample was masked
+            "step_seconds_total": sum(r["time_step"] for r in rows),
+        }
         for key in KEYS:
             first, last = thirds(rows, key)
             arm[key] = {"first_third": first, "last_third": last}
@@ -69,12 +75,13 @@ def plot(out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.6))
     for name, style in (("trained", "-"), ("control", "--")):
         rows = read_metrics(out / name / "metrics.jsonl")
         steps = [r["step"] for r in rows]
-        for ax, key in zip(axes, ("solver_format_valid_rate", "reward_mean")):
-            ax.plot(steps, [r[key] for r in rows], style, marker=".", label=name)
+        for ax, key in zip(axes, PANELS):
+            vals = [float("nan") if r.get(key) is None else r[key] for r in rows]  # None: all masked
+            ax.plot(steps, vals, style, marker=".", label=name)
             ax.set_title(key)
             ax.set_xlabel("step")
     axes[0].legend()
