@@ -317,4 +317,6 @@ def build_critic(cfg: Config, backends: Backends) -> Critic:
         judge_sampling=sampling(cfg.rollout.judge),
         writing=roles.get_task(cfg.task).writing,
         limits=guide_limits(cfg),
+        judge_mode=cfg.rollout.judge.mode,
+        paper_parsing=cfg.rollout.judge.parsing == "paper",
     )

@@ -50,6 +50,16 @@ class RoleSampling:
 
 
 @dataclass
+class JudgeSampling(RoleSampling):
+    """The judge's sampling, how it is asked, and which parsing rules score its output."""
+
+    # rubric: all criteria in one call (the paper). per_criterion: one short call per criterion.
+    mode: Literal["rubric", "per_criterion"] = "rubric"
+    # pop_nemo or paper: rubric/evaluation parsing rules (DESIGN §6 lists the differences)
+    parsing: Literal["pop_nemo", "paper"] = "pop_nemo"
+
+
+@dataclass
 class GuideConfig:
     enabled: bool = True
     problem_chars: int = 400
@@ -114,7 +124,7 @@ class RolloutConfig:
     proposer: RoleSampling = field(default_factory=lambda: RoleSampling(1.0, 1.0, 840))
     solver: RoleSampling = field(default_factory=lambda: RoleSampling(1.0, 1.0, 1024))
     rubric: RoleSampling = field(default_factory=lambda: RoleSampling(0.0, 1.0, 2450))
-    judge: RoleSampling = field(default_factory=lambda: RoleSampling(0.0, 1.0, 1350))
+    judge: JudgeSampling = field(default_factory=lambda: JudgeSampling(0.0, 1.0, 1350))
     guide: GuideConfig = field(default_factory=GuideConfig)
     trtllm: TRTLLMConfig = field(default_factory=TRTLLMConfig)
     openai: OpenAIRolloutConfig = field(default_factory=OpenAIRolloutConfig)
@@ -220,8 +230,8 @@ class OfflineConfig:
     best_of_n: int = 32
     std_threshold: float = 0.001
     max_length_diff_words: int = 100
-    # 'whitespace' = str.split() (DESIGN §2); 'space' = str.split(" ") (the paper's code)
-    length_words: Literal["whitespace", "space"] = "whitespace"
+    # 'space' = str.split(" ") (the paper's code, the default); 'whitespace' = str.split()
+    length_words: Literal["whitespace", "space"] = "space"
     shuffle_seed: int = 42
     max_pairs: int = 100000
 
@@ -565,11 +575,16 @@ def validate(cfg: Config) -> Config:
     need(cfg.trainer.max_steps >= 1, "trainer.max_steps must be >= 1")
     need(cfg.trainer.save_every >= 1, "trainer.save_every must be >= 1")
     need(cfg.policy.micro_batch_size >= 1, "policy.micro_batch_size must be >= 1")
-    need(cfg.policy.lr > 0, "policy.lr must be > 0")
+    need(cfg.policy.lr >= 0, "policy.lr must be >= 0 (0 = no update: a control run)")
     need(len(cfg.policy.betas) == 2, "policy.betas must be two numbers, e.g. [0.9, 0.999]")
     need(0 <= cfg.algo.clip_eps < 1, "algo.clip_eps must be in [0, 1)")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
     need(1 <= cfg.rollout.guide.max_criteria <= 5, "rollout.guide.max_criteria must be in 1..5")
+    need(
+        cfg.rollout.judge.parsing != "paper" or not cfg.rollout.guide.enabled,
+        "rollout.judge.parsing=paper needs tagged outputs, and guided decoding emits bare JSON: "
+        "set rollout.guide.enabled=false",
+    )
     need(cfg.corpus.min_words >= 0 and cfg.corpus.max_words >= 1, "corpus.min_words >= 0 and corpus.max_words >= 1")
     if cfg.rollout.backend == "openai":
         need(bool(cfg.rollout.openai.url), "rollout.backend=openai needs rollout.openai.url (e.g. http://host:8000/v1)")

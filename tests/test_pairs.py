@@ -55,6 +55,7 @@ def test_defaults_are_the_papers():
     cfg = load_config(None)
     flt = PairFilter.from_config(cfg.offline)
     assert (flt.best_of_n, flt.std_threshold, flt.max_length_diff_words, flt.shuffle_seed) == (32, 0.001, 100, 42)
+    assert flt.length_words == PairFilter().length_words == "space"
 
 
 def test_first_argmax_and_first_argmin_on_ties():
@@ -131,8 +132,8 @@ def test_length_counts_the_full_output_in_either_direction():
 def test_length_words_whitespace_vs_the_papers_space_split():
     long = "\n".join(_words(150).split(" "))  # 150 words on separate lines: 1 word for split(" ")
     rec = record([answer(2.0, long), answer(0.0, "short")])
-    assert one(rec)[0] is None  # whitespace words: 150 vs 1
-    assert one(rec, PairFilter(length_words="space"))[0] is not None  # paper's split(" "): 1 vs 1
+    assert one(rec)[0] is not None  # the default is the paper's split(" "): 1 vs 1
+    assert one(rec, PairFilter(length_words="whitespace"))[0] is None  # split(): 150 vs 1
 
 
 def test_invalid_proposer_and_rubric_are_dropped_with_their_reason():

@@ -133,12 +133,12 @@ def test_invalid_rubric_content_is_a_rubric_error():
     bad = {"criterion_1": {"name": "Dose", "gold": "4 g", "description": "d", "weight": 0}}
     with pytest.raises(RubricError, match="'Dose': weight"):
         parse_rubric(f"<rubric>{json.dumps(bad)}</rubric>")
-    with pytest.raises(RubricError, match="0 criteria"):
+    with pytest.raises(RubricError, match="no criteria"):
         parse_rubric("<rubric>{}</rubric>")
 
 
 def test_evaluation_with_non_numeric_rating_is_a_rubric_error():
-    with pytest.raises(RubricError, match="not a number"):
+    with pytest.raises(RubricError, match="not a finite number"):
         parse_evaluation(json.dumps({"criterion_1": {"name": "Dose", "rating": "excellent"}}))
 
 

@@ -590,6 +590,8 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
         judge_sampling=build.sampling(cfg.rollout.judge),
         writing=get_task(cfg.task).writing,
         limits=build.guide_limits(cfg),
+        judge_mode=cfg.rollout.judge.mode,
+        paper_parsing=cfg.rollout.judge.parsing == "paper",
     )
 
 

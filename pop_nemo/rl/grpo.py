@@ -25,6 +25,7 @@ from pop_nemo.policies.base import TokenBatch
 from pop_nemo.rl.advantages import compute_advantages
 from pop_nemo.rl.losses import LossConfig, kl_shaped_rewards, normalizer, policy_loss
 from pop_nemo.selfplay.roles import get_task
+from pop_nemo.selfplay.rubric import tie_stats
 from pop_nemo.selfplay.stage import Example, SelfPlay
 
 
@@ -71,6 +72,8 @@ def selfplay_metrics(examples: list[Example], samples: Samples) -> dict[str, Any
     answers = [a for e in examples for a in e.answers]
     judged = [a for a in answers if a.judgement is not None]
     valid_r = samples.rewards[samples.valid]
+    scored = [[a.judgement.score for a in e.answers if a.judgement and a.judgement.valid] for e in examples]
+    tie_rate, all_equal_rate = tie_stats(scored)
     return {
         "num_docs": len(examples),
         "num_samples": len(answers),
@@ -81,6 +84,8 @@ def selfplay_metrics(examples: list[Example], samples: Samples) -> dict[str, Any
         "solver_format_valid_rate": _rate(sum(a.format_valid for a in answers), len(answers)),
         "judge_valid_rate": _rate(sum(a.judgement.valid for a in judged), len(judged)),
         "judge_timeouts": sum(a.judgement.timed_out for a in judged),
+        "judge_tie_rate": tie_rate,
+        "judge_all_equal_rate": all_equal_rate,
         "reward_mean": float(valid_r.mean()) if valid_r.numel() else None,
         "reward_std": float(valid_r.std(unbiased=False)) if valid_r.numel() else None,
         "response_len_mean": sum(len(a.completion.token_ids) for a in answers) / max(len(answers), 1),

@@ -8,7 +8,8 @@ Per record, in this order (the paper's ``filter_and_pair.py``):
    below ``std_threshold`` or all are equal (a single scored answer has std 0 and goes here too);
 4. chosen = the first argmax, rejected = the first argmin of the scores;
 5. drop when the full solver outputs (reasoning included) of chosen and rejected differ by
-   more than ``max_length_diff_words`` words.
+   more than ``max_length_diff_words`` words, counted as the paper does with ``split(" ")``
+   (``length_words: whitespace`` counts ``split()`` words instead).
 
 The kept pairs are shuffled with ``random.Random(shuffle_seed)`` (= ``random.seed(42);
 random.shuffle``) and cut to ``max_pairs``. A pair is written in the conversational
@@ -43,7 +44,7 @@ class PairFilter:
     best_of_n: int = 32
     std_threshold: float = 0.001
     max_length_diff_words: int = 100
-    length_words: Literal["whitespace", "space"] = "whitespace"
+    length_words: Literal["whitespace", "space"] = "space"  # the paper's split(" ")
     shuffle_seed: int = 42
     max_pairs: int = 100000
 

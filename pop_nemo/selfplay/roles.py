@@ -138,11 +138,14 @@ def extract_answer(text: str) -> str | None:
     return extract_tag(text, "answer")
 
 
-def _tagged_json(text: str, tag: str) -> Any:
+def _tagged_json(text: str, tag: str, paper: bool = False) -> Any:
+    """The JSON in the one ``<tag>`` block; by default also a bare JSON output (guided decoding
+    emits no tags), which the paper's code refuses. Raises only RubricError: json's
+    ValueError (integers of thousands of digits too) and RecursionError (deep nesting) included."""
     body = extract_tag(text, tag)
     if body is None:
         stripped = after_think(text).strip()
-        if stripped.startswith(("{", "[")):  # guided decoding emits bare JSON
+        if not paper and stripped.startswith(("{", "[")):
             body = stripped
         else:
             raise RubricError(f"no single <{tag}>...</{tag}> block")
@@ -150,27 +153,18 @@ def _tagged_json(text: str, tag: str) -> Any:
         return json.loads(body)
     except json.JSONDecodeError as e:
         raise RubricError(f"<{tag}> is not valid JSON: {e.msg} at char {e.pos}") from None
+    except (ValueError, RecursionError) as e:
+        raise RubricError(f"<{tag}> is not usable JSON: {str(e)[:120]}") from None
 
 
-def _criteria_list(obj: Any) -> Any:
-    """``{"criterion_1": {...}, ...}`` (the paper's form) becomes a list, keys as fallback names."""
-    if isinstance(obj, dict) and "criteria" not in obj and "evaluation" not in obj:
-        items = []
-        for key, value in obj.items():
-            if isinstance(value, dict) and "name" not in value:
-                value = {**value, "name": key}
-            items.append(value)
-        return items
-    return obj
+def parse_rubric(text: str, paper: bool = False) -> list[Criterion]:
+    """The rubric writer's criteria; raises RubricError (and nothing else) with the reason."""
+    return validate_rubric(_tagged_json(text, "rubric", paper), paper)
 
 
-def parse_rubric(text: str) -> list[Criterion]:
-    """Raise RubricError when the rubric writer's output has no valid rubric."""
-    return validate_rubric(_criteria_list(_tagged_json(text, "rubric")))
-
-
-def parse_evaluation(text: str) -> list[Rating]:
-    return validate_ratings(_criteria_list(_tagged_json(text, "evaluation")))
+def parse_evaluation(text: str, paper: bool = False) -> list[Rating]:
+    """The judge's ratings; raises RubricError (and nothing else) with the reason."""
+    return validate_ratings(_tagged_json(text, "evaluation", paper), paper)
 
 
 # ---------------------------------------------------------------- rubric writer and judge inputs

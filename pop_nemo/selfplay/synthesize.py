@@ -433,6 +433,8 @@ class Synthesizer:
             judge_sampling=build.sampling(cfg.rollout.judge),
             writing=task.writing,
             limits=limits,
+            judge_mode=cfg.rollout.judge.mode,
+            paper_parsing=cfg.rollout.judge.parsing == "paper",
         )
         if not (off.rubric_knowledge and off.proposer_knowledge):
             critic = BlindRubricWriter(critic)
