@@ -169,7 +169,8 @@ class TrainerConfig:
 
 @dataclass
 class CriticConfig:
-    url: str | None = None  # set: judge (and rubric) calls go to `pop-nemo serve-critic`
+    # set: judge (and rubric) calls go to `pop-nemo serve-critic`; a list (or "url1,url2") = replicas
+    url: str | list[str] | None = None
     timeout_s: float = 120.0
     startup_timeout_s: float = 300.0
 
@@ -552,6 +553,19 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def critic_urls(value: str | list[str]) -> list[str]:
+    """``critic.url`` as a list of replica addresses: a YAML list or a comma-separated string."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    urls = [str(u).strip().rstrip("/") for u in parts if str(u).strip()]
+    if not urls:
+        raise ConfigError("critic.url is empty; give one or more addresses like http://HOST:PORT, or unset it")
+    for u in urls:
+        scheme, _, rest = u.partition("://")
+        if scheme not in ("http", "https") or not rest.split("/")[0]:
+            raise ConfigError(f"critic.url entry {u!r} must look like http://HOST:PORT")
+    return urls
+
+
 def validate(cfg: Config) -> Config:
     from pop_nemo.selfplay.roles import TASKS
 
@@ -588,6 +602,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.corpus.min_words >= 0 and cfg.corpus.max_words >= 1, "corpus.min_words >= 0 and corpus.max_words >= 1")
     if cfg.rollout.backend == "openai":
         need(bool(cfg.rollout.openai.url), "rollout.backend=openai needs rollout.openai.url (e.g. http://host:8000/v1)")
+    if cfg.critic.url is not None:
+        critic_urls(cfg.critic.url)
     t = cfg.rollout.trtllm
     need(t.tensor_parallel_size >= 1, "rollout.trtllm.tensor_parallel_size must be >= 1")
     need(0 < t.kv_cache_fraction < 1, "rollout.trtllm.kv_cache_fraction must be in (0, 1)")

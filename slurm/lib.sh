@@ -105,3 +105,25 @@ pop_finish() {
   pop_log "trainer finished (exit $rc)"
   exit "$rc"
 }
+
+# Outside a job (`bash slurm/pop_7b.sh`): submit this script with both het components sized from
+# the variables, since #SBATCH lines cannot read them. Command-line options override the script's
+# #SBATCH ones. Args: script, trainer nodes, GPUs per trainer node, critic GPUs, critic replicas
+# (tasks), CPUs per critic replica.
+pop_submit_sized() {
+  local script=$1 nodes=$2 gpus=$3 critic_gpus=$4 critic_tasks=$5 critic_cpus=$6
+  [ -z "${SLURM_JOB_ID:-}" ] || return 0
+  pop_log "submitting $script: critic group 1 node x $critic_gpus GPU(s), $critic_tasks replica(s);" \
+    "trainer group $nodes node(s) x $gpus GPUs"
+  exec sbatch --nodes=1 --ntasks-per-node="$critic_tasks" --gpus-per-node="$critic_gpus" \
+    --cpus-per-task="$critic_cpus" --mem=0 : \
+    --nodes="$nodes" --ntasks-per-node="$gpus" --gpus-per-node="$gpus" --cpus-per-task=12 --mem=0 --exclusive \
+    "$script"
+}
+
+# "http://ADDR:PORT,http://ADDR:PORT+1,..." for n critic replicas on one node (critic.url takes the list).
+pop_critic_urls() {
+  local addr=$1 port=$2 n=$3 k urls=""
+  for ((k = 0; k < n; k++)); do urls+="${urls:+,}http://$addr:$((port + k))"; done
+  echo "$urls"
+}

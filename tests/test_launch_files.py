@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 
 DOCKERFILE = ROOT / "containers" / "Dockerfile"
 SCRIPTS = [ROOT / "slurm" / "pop_7b.sh", ROOT / "slurm" / "pop_smoke.sh"]
+WRAPPERS = [ROOT / "slurm" / "pop_32b.sh"]  # pop_7b.sh with other sizes
 
 
 def _tool(name: str) -> str:
@@ -42,7 +43,14 @@ def test_dockerfile_is_pinned_and_ends_with_doctor():
 
 def test_slurm_scripts_pass_shellcheck():
     p = subprocess.run(
-        [_tool("shellcheck"), "-x", "-P", "slurm", *[str(s.relative_to(ROOT)) for s in SCRIPTS], "slurm/lib.sh"],
+        [
+            _tool("shellcheck"),
+            "-x",
+            "-P",
+            "slurm",
+            *[str(s.relative_to(ROOT)) for s in SCRIPTS + WRAPPERS],
+            "slurm/lib.sh",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -61,5 +69,18 @@ def test_slurm_scripts_are_requeueable_het_jobs(script):
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)
     assert "--het-group=0" in text and "--het-group=1" in text
     assert "pop_wait_healthy" in text and "trap pop_on_usr1 USR1" in text
+    p = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("script", WRAPPERS, ids=lambda p: p.name)
+def test_size_wrappers_are_requeueable_het_jobs_that_run_pop_7b(script):
+    text = script.read_text()
+    directives = re.findall(r"^#SBATCH\s+(.+)$", text, re.M)
+    assert directives.count("hetjob") == 1
+    for needed in ("--requeue", "--open-mode=append"):
+        assert needed in directives
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)
+    assert text.rstrip().endswith('exec bash "$POP_ROOT/slurm/pop_7b.sh"')
     p = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr

@@ -9,24 +9,31 @@ Nothing here raises once the client is up: an item that fails comes back ``valid
 the reason (``timed_out=True`` when the deadline ended it), and the loop masks that sample.
 Transient = connection refused/reset, 503, timeouts; a 4xx answer or a judge output that does
 not parse is final and never retried.
+
+Replicas (``critic.url`` a list): each request goes to the in-rotation replica with the least
+outstanding items; one that stops answering is taken out (its request is retried on another at
+once, so a replica's death costs no sample while another is up) and put back when its
+``/healthz`` is green again. :meth:`CriticClient.step_metrics` gives per-replica counts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import random
 import threading
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import ValidationError
 
 from pop_nemo.cli import UserError
+from pop_nemo.config import ConfigError, critic_urls
 from pop_nemo.critic.base import JudgeItem, Judgement, RubricItem, RubricResult
 from pop_nemo.critic.schema import TIMEOUT_HEADER, TOKEN_ENV, RubricResponse, ScoreResponse
 from pop_nemo.selfplay.rubric import Criterion, Rating
@@ -54,10 +61,31 @@ class ClientStats:
     failed_items: int = 0  # items returned valid=False because the call failed (not parse failures)
 
 
+@dataclass
+class ReplicaStats:
+    """What one critic replica did (cumulative); the loop logs the per-step difference."""
+
+    items: int = 0  # items it answered (judge items and rubrics)
+    failures: int = 0  # attempts that failed on it: unreachable, no answer in time, an error status
+    answered: int = 0  # HTTP requests it answered with 200
+    latency_s: float = 0.0  # seconds of those requests, summed
+
+
+@dataclass
+class _Replica:
+    url: str
+    http: httpx.AsyncClient | None = None
+    sem: asyncio.Semaphore | None = None
+    outstanding: int = 0  # items sent to it and not answered yet
+    down: str | None = None  # why it is out of rotation; None = in rotation
+    probe: asyncio.Task[None] | None = None
+    stats: ReplicaStats = field(default_factory=ReplicaStats)
+
+
 class AsyncCriticClient:
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         timeout_s: float = 120.0,
         max_concurrency: int = 16,
         batch_items: int = 16,
@@ -67,60 +95,143 @@ class AsyncCriticClient:
         connect_timeout_s: float = 5.0,
         token: str | None = None,
         log: Any = None,
+        probe_interval_s: float = 1.0,
     ):
-        """``timeout_s``: the deadline of one ``judge``/``write_rubrics`` call (all its items).
-        ``max_retries`` None = retry transient failures until the deadline."""
-        parsed = httpx.URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"critic.url={url!r} must look like http://HOST:PORT")
+        """``url``: one address, several (a list or "url1,url2"): replicas that share the items.
+        ``timeout_s``: the deadline of one ``judge``/``write_rubrics`` call (all its items).
+        ``max_retries`` None = retry transient failures until the deadline.
+        ``max_concurrency``: requests in flight per replica."""
+        try:
+            urls = critic_urls(url if isinstance(url, str) else list(url))
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         if timeout_s <= 0 or max_concurrency < 1 or batch_items < 1:
             raise ValueError("timeout_s must be > 0, max_concurrency and batch_items >= 1")
-        self.url = str(parsed).rstrip("/")
+        self.replicas = [_Replica(u) for u in urls]
+        self.url = ",".join(urls)  # names every replica in messages
         self.timeout_s, self.max_concurrency, self.batch_items = timeout_s, max_concurrency, batch_items
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s, self.probe_interval_s = connect_timeout_s, probe_interval_s
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.stats = ClientStats()
         self._log = log
-        self._down: str | None = None  # the last transport failure while the server is unreachable
-        self._http: httpx.AsyncClient | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._turn = 0  # breaks ties between equally loaded replicas in turn
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                base_url=self.url,
+    def _client(self, rep: _Replica) -> httpx.AsyncClient:
+        if rep.http is None:
+            rep.http = httpx.AsyncClient(
+                base_url=rep.url,
                 headers=self._headers,
                 limits=httpx.Limits(
                     max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
                 ),
                 timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
             )
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-        return self._http
+            rep.sem = asyncio.Semaphore(self.max_concurrency)
+        return rep.http
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        for rep in self.replicas:
+            if rep.probe is not None:
+                rep.probe.cancel()
+                rep.probe = None
+            if rep.http is not None:
+                await rep.http.aclose()
+                rep.http = None
 
     def _say(self, msg: str) -> None:
         if self._log is not None:
             self._log(msg)
 
+    # ---- replicas: pick by outstanding work, take out on failure, put back when /healthz is green
+
+    def _pick(self) -> _Replica:
+        """The in-rotation replica with the least outstanding work (all of them if none is in rotation)."""
+        pool = [r for r in self.replicas if r.down is None] or self.replicas
+        n = len(self.replicas)
+        self._turn += 1
+        return min(pool, key=lambda r: (r.outstanding, (self.replicas.index(r) - self._turn) % n))
+
+    def _take_out(self, rep: _Replica, why: str) -> None:
+        if rep.down is None:
+            others = len(self.replicas) > 1
+            then = (
+                "taken out of rotation until its /healthz is green again"
+                if others
+                else "retrying until the call's deadline, failed items are masked"
+            )
+            self._say(f"critic server {rep.url} unreachable ({why}); {then}")
+            if others and rep.probe is None:
+                rep.probe = asyncio.get_running_loop().create_task(self._probe(rep))
+        rep.down = why
+
+    def _put_back(self, rep: _Replica, how: str = "") -> None:
+        if rep.down is not None:
+            rep.down = None
+            self._say(f"critic server {rep.url} reachable again{how}")
+
+    async def _healthy(self, rep: _Replica) -> bool:
+        try:
+            r = await self._client(rep).get("/healthz", timeout=httpx.Timeout(5.0))
+        except httpx.TransportError:
+            return False
+        return r.status_code == 200
+
+    async def _probe(self, rep: _Replica) -> None:
+        """Poll a taken-out replica's ``/healthz`` until it is green, then put it back in rotation."""
+        try:
+            while rep.down is not None:
+                await asyncio.sleep(self.probe_interval_s)
+                if await self._healthy(rep):
+                    self._put_back(rep, " (/healthz is green); back in rotation")
+        finally:
+            rep.probe = None
+
+    def replica_stats(self) -> dict[str, ReplicaStats]:
+        return {r.url: r.stats for r in self.replicas}
+
+    def replicas_up(self) -> int:
+        return sum(r.down is None for r in self.replicas)
+
     # ---- startup
 
     async def wait_ready(self, timeout_s: float) -> dict[str, Any]:
-        """Poll ``/healthz`` until the model is loaded; raise a message naming the URL if it is not in time."""
-        client = self._client()
+        """Wait until one replica's ``/healthz`` is green (the others join when theirs is: they start
+        out of rotation, probed); raise a message naming the URLs if none is in time."""
+        tasks = {asyncio.ensure_future(self._wait_one(r, timeout_s)): r for r in self.replicas}
+        pending, errors = set(tasks), []
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if t.exception() is None:
+                        for p in pending:
+                            p.cancel()
+                            rep = tasks[p]
+                            if not await self._healthy(rep):
+                                rep.down = "not ready at startup"
+                                rep.probe = asyncio.get_running_loop().create_task(self._probe(rep))
+                        return t.result()
+                    errors.append(t.exception())
+        finally:
+            for p in pending:
+                p.cancel()
+        first = errors[0]
+        assert isinstance(first, BaseException)
+        if len(errors) == 1:
+            raise first
+        raise CriticUnavailable(f"no critic replica is ready ({len(errors)} tried); the first: {first}")
+
+    async def _wait_one(self, rep: _Replica, timeout_s: float) -> dict[str, Any]:
+        client = self._client(rep)
         deadline = time.monotonic() + timeout_s
         last, delay = "no answer yet", 0.1
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CriticUnavailable(
-                    f"critic server at {self.url} is not ready after {timeout_s:g} s ({last}). Start it with "
+                    f"critic server at {rep.url} is not ready after {timeout_s:g} s ({last}). Start it with "
                     f"`pop-nemo serve-critic --config conf/critic_cpu.yaml --port PORT`, raise "
                     "critic.startup_timeout_s, or unset critic.url to judge in-process"
                 )
@@ -134,7 +245,7 @@ class AsyncCriticClient:
                 last = f"/healthz answered {r.status_code}: {r.text[:200]}"
                 if r.status_code in (401, 403):
                     raise CriticUnavailable(
-                        f"critic server at {self.url} refused the bearer token ({r.status_code}); set ${TOKEN_ENV}"
+                        f"critic server at {rep.url} refused the bearer token ({r.status_code}); set ${TOKEN_ENV}"
                     )
             except httpx.TransportError as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -166,7 +277,7 @@ class AsyncCriticClient:
                 for it in chunk
             ]
         }
-        got = await self._post("/v1/score", body, deadline)
+        got = await self._post("/v1/score", body, deadline, len(chunk))
         if not isinstance(got, _Failure):
             try:
                 resp = ScoreResponse.model_validate(got)
@@ -200,7 +311,7 @@ class AsyncCriticClient:
             "answers": list(it.answers),
             **({"seed": it.seed} if it.seed is not None else {}),
         }
-        got = await self._post("/v1/rubric", body, deadline)
+        got = await self._post("/v1/rubric", body, deadline, 1)
         if not isinstance(got, _Failure):
             try:
                 resp = RubricResponse.model_validate(got)
@@ -214,62 +325,76 @@ class AsyncCriticClient:
         rubric = [Criterion(c.name, c.gold, c.description, c.weight) for c in resp.rubric] if resp.rubric else None
         return RubricResult(resp.id, resp.valid and rubric is not None, rubric, error=resp.error, raw=resp.raw)
 
-    async def _post(self, path: str, body: dict[str, Any], deadline: float) -> dict[str, Any] | _Failure:
-        """POST with retries for transient failures until ``deadline``; never raises."""
-        client = self._client()
-        assert self._sem is not None
+    async def _post(self, path: str, body: dict[str, Any], deadline: float, items: int) -> dict[str, Any] | _Failure:
+        """POST to the least busy replica, with retries (on any replica) for transient failures until
+        ``deadline``; never raises. ``items``: the work it carries, for spreading the load."""
         attempt, last = 0, "no attempt made"
         while True:
             retry_after = 0.0
-            async with self._sem:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return _Failure(
-                        f"deadline passed for {path} at {self.url} after {attempt} attempt(s); last: {last}",
-                        timed_out=True,
-                    )
-                # Let the server time items out a little before we stop listening, so its answer says why.
-                server_budget = max(remaining - min(1.0, 0.1 * remaining), 0.001)
-                self.stats.requests += 1
-                try:
-                    r = await client.post(
-                        path,
-                        json=body,
-                        headers={TIMEOUT_HEADER: f"{server_budget:.3f}"},
-                        timeout=httpx.Timeout(remaining, connect=min(self.connect_timeout_s, remaining)),
-                    )
-                except httpx.TimeoutException as e:
-                    self.stats.timeouts += 1
-                    last = f"no answer in time ({type(e).__name__})"
-                except httpx.TransportError as e:
-                    self.stats.connect_errors += 1
-                    last = f"cannot reach the critic server ({type(e).__name__}: {e})" if str(e) else type(e).__name__
-                    if self._down is None:
-                        self._say(
-                            f"critic server {self.url} unreachable ({last}); retrying until the call's deadline, "
-                            "failed items are masked"
+            rep = self._pick()
+            client = self._client(rep)
+            assert rep.sem is not None
+            rep.outstanding += items
+            try:
+                async with rep.sem:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return _Failure(
+                            f"deadline passed for {path} at {self.url} after {attempt} attempt(s); last: {last}",
+                            timed_out=True,
                         )
-                    self._down = last
-                else:
-                    if self._down is not None and r.status_code != 503:
-                        self._say(f"critic server {self.url} reachable again")
-                        self._down = None
-                    if r.status_code == 200:
-                        try:
-                            return r.json()
-                        except ValueError:
-                            return _Failure(f"critic server {self.url} answered 200 with a body that is not JSON")
-                    if r.status_code != 503:
-                        return _Failure(f"critic server {self.url} answered {r.status_code}: {_detail(r)}")
-                    self.stats.status_503 += 1
-                    last = f"server busy (503: {_detail(r)})"
-                    retry_after = _retry_after(r)
+                    # Let the server time items out a little before we stop listening, so its answer says why.
+                    server_budget = max(remaining - min(1.0, 0.1 * remaining), 0.001)
+                    self.stats.requests += 1
+                    t0 = time.monotonic()
+                    try:
+                        r = await client.post(
+                            path,
+                            json=body,
+                            headers={TIMEOUT_HEADER: f"{server_budget:.3f}"},
+                            timeout=httpx.Timeout(remaining, connect=min(self.connect_timeout_s, remaining)),
+                        )
+                    except httpx.TimeoutException as e:
+                        self.stats.timeouts += 1
+                        rep.stats.failures += 1
+                        last = f"no answer in time from {rep.url} ({type(e).__name__})"
+                        self._take_out(rep, last)
+                    except httpx.TransportError as e:
+                        self.stats.connect_errors += 1
+                        rep.stats.failures += 1
+                        last = (
+                            f"cannot reach the critic server ({type(e).__name__}: {e})" if str(e) else type(e).__name__
+                        )
+                        self._take_out(rep, last)
+                    else:
+                        if r.status_code != 503:
+                            self._put_back(rep)
+                        if r.status_code == 200:
+                            try:
+                                got = r.json()
+                            except ValueError:
+                                rep.stats.failures += 1
+                                return _Failure(f"critic server {rep.url} answered 200 with a body that is not JSON")
+                            rep.stats.items += items
+                            rep.stats.answered += 1
+                            rep.stats.latency_s += time.monotonic() - t0
+                            return got
+                        if r.status_code != 503:
+                            rep.stats.failures += 1
+                            return _Failure(f"critic server {rep.url} answered {r.status_code}: {_detail(r)}")
+                        self.stats.status_503 += 1
+                        last = f"server busy (503: {_detail(r)})"
+                        retry_after = _retry_after(r)
+            finally:
+                rep.outstanding -= items
             attempt += 1
             if self.max_retries is not None and attempt > self.max_retries:
                 return _Failure(f"{last}; gave up after {attempt} attempts")
             if deadline - time.monotonic() <= 0:
                 continue  # reported as a deadline miss at the top of the loop
             self.stats.retries += 1
+            if rep.down is not None and self.replicas_up() > 0:
+                continue  # another replica is in rotation: fail over to it at once
             # Exponential backoff with jitter (clients that failed together do not come back together),
             # never sooner than the server's Retry-After.
             backoff = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.75 + random.random() / 2)
@@ -301,7 +426,7 @@ class CriticClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         timeout_s: float = 120.0,
         startup_timeout_s: float = 300.0,
         wait_ready: bool = True,
@@ -318,6 +443,7 @@ class CriticClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="critic-client", daemon=True)
         self._thread.start()
         self.server_info: dict[str, Any] = {}
+        self._reported: dict[str, ReplicaStats] = {}
         if wait_ready:
             try:
                 self.server_info = self._run(self.core.wait_ready(startup_timeout_s)).result()
@@ -328,6 +454,19 @@ class CriticClient:
     @property
     def stats(self) -> ClientStats:
         return self.core.stats
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Per-replica counts since the last call, for the step's metrics row (keys in the README)."""
+        now = {url: dataclasses.replace(st) for url, st in self.core.replica_stats().items()}
+        out: dict[str, Any] = {"critic_replicas_up": self.core.replicas_up()}
+        for k, (url, st) in enumerate(now.items()):
+            before = self._reported.get(url, ReplicaStats())
+            answered = st.answered - before.answered
+            out[f"critic_items_r{k}"] = st.items - before.items
+            out[f"critic_failures_r{k}"] = st.failures - before.failures
+            out[f"critic_latency_s_r{k}"] = (st.latency_s - before.latency_s) / answered if answered else None
+        self._reported = now
+        return out
 
     def _run(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]

@@ -156,6 +156,7 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
             examples, stats = selfplay.run(docs, step, first_group_id=step * cfg.rollout.docs_per_step)
             samples = collect(examples, a.format_reward)
             metrics: dict[str, Any] = {"step": step + 1, **selfplay_metrics(examples, samples)}
+            metrics.update(getattr(critic, "step_metrics", dict)())  # per-replica counts of a critic server
 
             # 2. Advantages and the policy update, on the samples that are not masked.
             progress.update(bar, description=f"step {step + 1}: update")
