@@ -13,22 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "conf" / "tiny.yaml"
 
 
-# Test files whose session fixture launches the Megatron-on-CPU workers (tests/megatron/conftest.py):
-# one xdist worker runs them all, so the launch happens once.
-_MEGATRON_CPU = {"test_megatron_parity.py", "test_megatron_checkpoint.py", "test_megatron_shim.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (`--dist loadgroup`)
 def pytest_collection_modifyitems(config, items):
-    """Under xdist, keep each file on one worker (its module fixtures, e.g. a real training run, run
-    once) and the Megatron-on-CPU files together; tests pick free ports and private folders."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("megatron-cpu" if name in _MEGATRON_CPU else name))
-    _skip_gpu_tests(items)
-
-
-def _skip_gpu_tests(items):
     import torch
 
     if torch.cuda.is_available():
