@@ -8,6 +8,7 @@ the wrong eos token; we set ``<|im_end|>`` (the token its chat template ends tur
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -58,10 +59,27 @@ def resolve_model_path(path: str) -> str:
     return path  # hub id: transformers resolves (and reports) it
 
 
+def converted_dir() -> Path:
+    """The converted folder, one per transformers major: tokenizer files that 5.x writes do not load in 4.x."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return cache_dir() / ("smollm2-135m-instruct" if major == 5 else f"smollm2-135m-instruct-transformers{major}")
+
+
 def _convert_bundled() -> Path:
-    out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").is_file() and (out / ".complete").is_file():
+    out = converted_dir()
+    if (out / ".complete").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers and ranks convert once, not over each other
+        if not (out / ".complete").is_file():
+            _convert_into(out)
+    return out
+
+
+def _convert_into(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,7 +92,6 @@ def _convert_bundled() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     fix_special_tokens(tok, model)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
@@ -85,7 +102,6 @@ def _convert_bundled() -> Path:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def fix_special_tokens(tok, model=None) -> None:

@@ -44,9 +44,12 @@ def _start(steps: int, env: dict | None = None) -> subprocess.Popen:
 
 
 def _wait_ready(p: subprocess.Popen) -> None:
+    """Read up to the loop's "ready" (torch 2.9's gloo prints its own connection line first)."""
     assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line.strip() == "ready", line
+    seen = []
+    while (line := p.stdout.readline()) and line.strip() != "ready":
+        seen.append(line)
+    assert line.strip() == "ready", "".join(seen)
 
 
 def test_usr1_checkpoints_after_the_current_step_and_exits_75():

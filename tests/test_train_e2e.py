@@ -77,6 +77,7 @@ def uninterrupted(tmp_path_factory, model_path) -> Path:
     return out
 
 
+@pytest.mark.image_tier  # the image-pins tier's one short real-model run (.ci/run)
 def test_outputs_contract(uninterrupted: Path):
     metrics = _lines(uninterrupted / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]

@@ -165,6 +165,8 @@ import json, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 from tests.megatron.cpu_shim import install
 install(bridge=True)
+from pop_nemo.compat import allow_megatron_bridge_import
+allow_megatron_bridge_import()
 from types import SimpleNamespace
 from megatron.bridge.models.qwen.qwen2_bridge import Qwen2Bridge
 from megatron.bridge.models.conversion.param_mapping import merge_qkv_weights, merge_qkv_biases

@@ -6,6 +6,7 @@ xgrammar inside, so a guide means the same thing on every backend.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 
@@ -18,9 +19,40 @@ from pop_nemo.engines.base import Guide
 JSON_SEPARATORS = (",", ":")
 
 
+def _pre_tokenizer_types(node) -> set[str]:
+    if isinstance(node, dict):
+        return ({node["type"]} if isinstance(node.get("type"), str) else set()) | _pre_tokenizer_types(
+            node.get("pretokenizers")
+        )
+    return set().union(*map(_pre_tokenizer_types, node)) if isinstance(node, list) else set()
+
+
+def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:
+    """xgrammar's view of the vocabulary.
+
+    xgrammar 0.1 (TensorRT-LLM 1.2's) reads the vocabulary type from the decoder, and SmolLM2's
+    tokenizer as transformers 4 converts it from GGUF has a ByteFallback decoder in front of its
+    byte-level one, so every "Ġword" token was read literally and grammars rejected valid text.
+    The pre-tokenizer is what turns text into tokens: when it is byte-level, the vocabulary is.
+    """
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if info.vocab_type == xgr.VocabType.BYTE_LEVEL or backend is None:
+        return info
+    if "ByteLevel" not in _pre_tokenizer_types(json.loads(backend.to_str()).get("pre_tokenizer")):
+        return info
+    vocab = [""] * vocab_size
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size:
+            vocab[i] = token
+    return xgr.TokenizerInfo(
+        vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size, stop_token_ids=stop_token_ids, add_prefix_space=False
+    )
+
+
 class GrammarCache:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_entries: int = 1024):
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
         # One judge grammar per rubric: bounded, least recently used goes first.
         self._cache: OrderedDict[Guide, xgr.CompiledGrammar] = OrderedDict()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from pop_nemo.compat import init_cache_layer
 from pop_nemo.engines.base import Completion, Request, Sampling
 from pop_nemo.engines.grammar import GrammarCache, apply_bitmask
 from pop_nemo.engines.prefix import order_rows, plan_prefill
@@ -64,7 +65,7 @@ class _GrowingLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            init_cache_layer(self, key_states, value_states)
         n = key_states.shape[-2]
         if self._k is None or self.length + n > self._k.shape[-2]:
             self._k, self._v = self._grow(self._k, key_states), self._grow(self._v, value_states)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pop_nemo.compat import allow_megatron_bridge_import
 from pop_nemo.policies.base import LossFn, TokenBatch, warmup_cosine
 
 _FUSIONS = (
@@ -169,6 +170,7 @@ class MegatronPolicy:
     # ------------------------------------------------------------------ construction
 
     def _provider(self, tp: int, pp: int, bf16: bool, sequence_parallel: bool, recompute: bool):
+        allow_megatron_bridge_import()
         with _root_logging_kept():
             from megatron.bridge import AutoBridge
             from megatron.bridge.models.gpt_provider import local_layer_spec

@@ -6,10 +6,13 @@ for the TP=1 trajectory that TP=2 must reproduce. The helpers live in launching.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -27,10 +30,26 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_results(tmp_path_factory, tiny_qwen2, model_path) -> dict:
-    """Results of the CPU launches: {'tp2': ..., 'pp2': ..., 'dp2': ..., 'tp1': ..., 'hf_trajectory': ...}."""
+    """Results of the CPU launches: {'tp2': ..., 'pp2': ..., 'dp2': ..., 'tp1': ..., 'hf_trajectory': ...}.
+
+    Launched once per test run: under pytest-xdist (`-n 2 --dist loadfile`) the three files that
+    use it may land on both workers; the first launches under a lock shared by the workers, the
+    other reads its results.
+    """
     if not megatron_installed():
         pytest.skip("megatron-core / megatron-bridge not installed (scripts/install.sh installs them)")
-    base = tmp_path_factory.mktemp("megatron_cpu")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _launch_cpu(tmp_path_factory.mktemp("megatron_cpu"), tiny_qwen2, model_path)
+    shared = tmp_path_factory.getbasetemp().parent / "megatron_cpu_results.json"
+    with FileLock(f"{shared}.lock"):
+        if shared.is_file():
+            return json.loads(shared.read_text())
+        res = _launch_cpu(tmp_path_factory.mktemp("megatron_cpu"), tiny_qwen2, model_path)
+        shared.write_text(json.dumps(res))
+        return res
+
+
+def _launch_cpu(base: Path, tiny_qwen2: Path, model_path: str) -> dict:
     two = start_worker(2, "tp2,pp2,dp2", base / "w2", tiny_qwen2, model_path, audit=True)
     one = start_worker(1, "tp1", base / "w1", tiny_qwen2, None, audit=True)
     res = finish_worker(*two, TIMEOUT_S)
