@@ -396,28 +396,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def hf_engine_loader(model: str, dtype: str, device: str, max_batch: int, num_threads: int | None, seed: int):
-    """A ``load()`` that builds an :class:`~pop_nemo.engines.hf.HFEngine` (run on the engine thread)."""
-
-    def load():
-        import torch
-
-        from pop_nemo.engines.hf import HFEngine
-        from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer, resolve_model_path
-
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        path = resolve_model_path(model)
-        tok = load_tokenizer(path)
-        lm = load_causal_lm(path, dtype).eval()
-        fix_special_tokens(tok, lm)
-        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        lm.to(dev)
-        return HFEngine(lm, tok, max_batch=max_batch, seed=seed)
-
-    return load
-
-
 def serve(load: Callable[[], Engine], cfg: ServeOpenAIConfig, token: str | None = None) -> int:
     import uvicorn
 

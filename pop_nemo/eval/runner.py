@@ -26,7 +26,7 @@ from pop_nemo.engines.base import Engine, Sampling
 from pop_nemo.eval import healthbench as hb
 from pop_nemo.eval import heldout
 from pop_nemo.eval.stats import paired_comparison
-from pop_nemo.logging import append_jsonl, console
+from pop_nemo.run_output import append_jsonl, console
 from pop_nemo.selfplay.stage import request_seed
 
 SUMMARY = "summary.json"
@@ -239,16 +239,17 @@ def resolve_model(spec: str) -> tuple[str, str, int | None]:
 
 
 def load_engine(cfg: Config, path: str, tokenizer_fallback: str, max_batch: int):
-    """An HFEngine on ``path``; the tokenizer comes from ``path`` if it has one (checkpoints do not)."""
-    from pop_nemo.engines.hf import HFEngine
-    from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer, resolve_model_path
+    """An HF engine on ``path`` (this rank's GPU when there is one); the tokenizer comes from
+    ``path`` if it has one (checkpoints do not)."""
+    from pop_nemo import build
+    from pop_nemo.models import load_tokenizer, resolve_model_path
 
     p = Path(path)
     has_tok = not p.is_dir() or any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = load_tokenizer(path if has_tok else resolve_model_path(tokenizer_fallback))
-    model = load_causal_lm(resolve_model_path(path) if not p.is_dir() else path, cfg.model.dtype).eval()
-    fix_special_tokens(tok, model)
-    return HFEngine(model, tok, max_batch=max_batch, seed=cfg.eval.seed)
+    weights = resolve_model_path(path) if not p.is_dir() else path
+    device = build.this_rank_engine_device()
+    return build.hf_engine(weights, tok, dtype=cfg.model.dtype, max_batch=max_batch, seed=cfg.eval.seed, device=device)
 
 
 def build_grader(cfg: Config, reference: Engine) -> Engine:

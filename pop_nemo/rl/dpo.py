@@ -36,12 +36,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pop_nemo import build, launch, signals
-from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, discard, restore, rng_state
+from pop_nemo import build, distributed, signals
+from pop_nemo.checkpoint import (
+    Checkpointer,
+    ResumeError,
+    atomic_write_text,
+    discard,
+    restore,
+    resume_guard,
+    rng_state,
+)
 from pop_nemo.config import Config, ConfigError
 from pop_nemo.engines.prefix import common_prefix
-from pop_nemo.logging import RunLogger, console, step_progress
 from pop_nemo.policies.base import Policy, TokenBatch
+from pop_nemo.run_output import RunLogger, console, step_progress
 
 
 class DPOInputError(ConfigError):
@@ -213,13 +221,6 @@ def evaluate(policy: Policy, pairs: list[TokenizedPair], pad_id: int, beta: floa
 # ---------------------------------------------------------------- the loop
 
 
-def _guarded(cfg: Config, pairs_sha: str) -> dict[str, Any]:
-    d = cfg.to_dict()["dpo"]
-    for k in ("save_every", "keep_checkpoints", "max_steps", "export", "eval_batch_size"):
-        d.pop(k)
-    return {"pairs_sha256": pairs_sha, "dpo": d, "model": cfg.to_dict()["model"]}
-
-
 def train_dpo(
     cfg: Config, pairs_path: str | Path, output_dir: str | Path, fresh: bool = False, require_resume: bool = False
 ) -> dict[str, Any]:
@@ -252,7 +253,7 @@ def train_dpo(
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", cfg, keep=d.keep_checkpoints)
     resume = ckpt.resume_point(require=require_resume)
-    guard = _guarded(cfg, pairs_sha)
+    guard = resume_guard(cfg, "dpo", pairs_sha)
     if resume is not None:
         saved = resume.state.get("dpo_guard", {})
         diffs = [k for k in sorted(set(saved) | set(guard)) if saved.get(k) != guard.get(k)]
@@ -271,7 +272,7 @@ def train_dpo(
     )
     model_path = resolve_model_path(cfg.model.path)
     policy, tok = build.build_dpo_policy(cfg, model_path, total_steps, warmup_steps)
-    launch.check_ranks_resume_together(resume.step if resume is not None else 0)
+    distributed.check_ranks_resume_together(resume.step if resume is not None else 0)
     pad_id = tok.pad_token_id
     data = [tokenize_pair(tok, p, d.max_length, d.max_prompt_length) for p in raw]
     truncated = sum(

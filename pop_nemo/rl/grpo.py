@@ -15,15 +15,15 @@ from typing import Any
 import torch
 import yaml
 
-from pop_nemo import build, launch, signals
+from pop_nemo import build, distributed, signals
 from pop_nemo.checkpoint import Checkpointer, discard, restore, rng_state
 from pop_nemo.config import Config
 from pop_nemo.eval.runner import evaluate_during_training
-from pop_nemo.logging import RunLogger, console, step_progress, summary_line
 from pop_nemo.models import resolve_model_path
 from pop_nemo.policies.base import TokenBatch
 from pop_nemo.rl.advantages import compute_advantages
 from pop_nemo.rl.losses import LossConfig, kl_shaped_rewards, normalizer, policy_loss
+from pop_nemo.run_output import RunLogger, console, step_progress, summary_line
 from pop_nemo.selfplay.roles import get_task
 from pop_nemo.selfplay.stage import Example, SelfPlay
 
@@ -108,7 +108,8 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
     )
 
     backends = build.build_backends(cfg, model_path)
-    launch.check_ranks_resume_together(resume.step if resume is not None else 0)
+    console.print(backends.placement())
+    distributed.check_ranks_resume_together(resume.step if resume is not None else 0)
     policy, policy_engine = backends.policy, backends.policy_engine
     pick = {"policy": policy_engine, "reference": backends.reference_engine}
     critic = build.build_critic(cfg, backends)
@@ -238,4 +239,4 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
 
 def _generated_tokens(backends: build.Backends) -> int:
     engines = {id(e): e for e in (backends.policy_engine, backends.reference_engine)}
-    return sum(getattr(e, "stats", {}).get("generated_tokens", 0) for e in engines.values())
+    return sum(e.stats.get("generated_tokens", 0) for e in engines.values())

@@ -239,7 +239,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="tp2,pp2,dp2")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from pop_nemo.launch import init_distributed
+    from pop_nemo.distributed import init_distributed
 
     init_distributed(timeout_s=600)
     rank0 = dist.get_rank() == 0
