@@ -10,6 +10,7 @@ from pop_nemo.critic.base import Critic
 from pop_nemo.engines.base import Engine, Sampling
 from pop_nemo.policies.base import Policy
 from pop_nemo.selfplay import roles
+from pop_nemo.selfplay.stage import SelfPlay
 
 DOMAINS_BY_TASK = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
 
@@ -154,6 +155,37 @@ def hf_engine_loader(model: str, dtype: str, device: str, max_batch: int, num_th
         return hf_engine(path, load_tokenizer(path), dtype=dtype, max_batch=max_batch, seed=seed, device=placed)
 
     return load
+
+
+def build_selfplay(
+    cfg: Config,
+    proposer: Engine,
+    solver: Engine,
+    critic: Critic,
+    *,
+    n: int | None = None,
+    proposer_retries: int | None = None,
+    solver_resample: int | None = None,
+    seed: int | None = None,
+) -> SelfPlay:
+    """The one place a ``SelfPlay`` is built: task, sampling, guide limits and fallback from the
+    config; the online loop, synthesis (``offline.*`` group shape) and the held-out problems
+    (``eval.rubric_answers``, its own seed) differ only in the keyword overrides."""
+    r = cfg.rollout
+    return SelfPlay(
+        roles.get_task(cfg.task),
+        proposer=proposer,
+        solver=solver,
+        critic=critic,
+        proposer_sampling=sampling(r.proposer),
+        solver_sampling=sampling(r.solver),
+        n=r.n if n is None else n,
+        proposer_retries=r.proposer_retries if proposer_retries is None else proposer_retries,
+        solver_resample=r.solver_resample if solver_resample is None else solver_resample,
+        limits=guide_limits(cfg),
+        seed=cfg.seed if seed is None else seed,
+        answer_fallback=cfg.algo.answer_fallback,
+    )
 
 
 @dataclass

@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pop_nemo.jsonl import parse_lines
+
 MINI = "mini"
 TEXT_SUFFIXES = {".jsonl", ".json", ".parquet", ".txt"}
 
@@ -64,14 +66,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         numbered = list(enumerate(items, 1))
         where = "item"
     else:
-        numbered = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
-            if not line.strip():
-                continue
-            try:
-                numbered.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        numbered = list(parse_lines(text, path, CorpusError))
         where = "line"
     for n, row in numbered:
         if not isinstance(row, dict):
@@ -101,7 +96,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
 
 def _read_mini(domains: list[str] | None) -> list[dict[str, Any]]:
     path = resources.files("pop_nemo") / "data" / "mini_corpus.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [row for _, row in parse_lines(path.read_text(encoding="utf-8"), "mini corpus")]
     if domains:
         rows = [r for r in rows if r.get("domain") in domains]
     return rows

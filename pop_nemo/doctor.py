@@ -78,8 +78,11 @@ def placement_report() -> str:
 
     policy = this_rank_engine_device()  # the HF policy goes where an engine without a policy would
     engines = this_rank_engine_device(policy_device=policy)
-    megatron = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "needs CUDA"
+    megatron = (
+        f"Megatron policy and its HF rollout engines on {this_rank_engine_device(policy_device='cuda')}"
+        if torch.cuda.is_available()
+        else "the Megatron policy needs CUDA"
+    )
     return (
-        f"placement     LOCAL_RANK {local_rank()}: HF policy on {policy}, its rollout engines on {engines}; "
-        f"Megatron policy on {megatron}, HF rollout engines next to it"
+        f"placement     LOCAL_RANK {local_rank()}: HF policy on {policy}, its rollout engines on {engines}; {megatron}"
     )

@@ -128,3 +128,14 @@ def test_runs_here_asks_whether_cuda_calls_work(monkeypatch):
     assert runs_here() is False
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert runs_here() is True
+
+
+def test_one_jsonl_reader_names_the_file_and_line(tmp_path):
+    from pop_nemo.jsonl import read_rows
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"s": "line\u2028separator"}\n{"a": \n')
+    with pytest.raises(KeyError, match=r"x.jsonl:4: not valid JSON"):
+        read_rows(path, KeyError)
+    path.write_text('{"a": 1}\n\n{"s": "line\u2028separator"}\n')
+    assert read_rows(path) == [{"a": 1}, {"s": "line\u2028separator"}]

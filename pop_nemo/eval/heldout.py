@@ -30,9 +30,10 @@ from pop_nemo.corpus import Corpus, Document
 from pop_nemo.critic.base import Critic, JudgeItem
 from pop_nemo.engines.base import Engine, Request, Sampling
 from pop_nemo.eval.stats import bootstrap_mean
+from pop_nemo.jsonl import read_rows
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.rubric import Criterion
-from pop_nemo.selfplay.stage import Example, SelfPlay, request_seed
+from pop_nemo.selfplay.stage import Example, request_seed
 
 CACHE_VERSION = 1
 MODES = ("greedy", "sampled")
@@ -125,20 +126,7 @@ def write_problems(
     cfg: Config, docs: list[Document], reference: Engine, critic: Critic, seed: int
 ) -> list[dict[str, Any]]:
     """The reference model writes a problem and a rubric for each document (batched by stage)."""
-    sp = SelfPlay(
-        roles.get_task(cfg.task),
-        proposer=reference,
-        solver=reference,
-        critic=critic,
-        proposer_sampling=_sampling(cfg.rollout.proposer),
-        solver_sampling=_sampling(cfg.rollout.solver),
-        n=cfg.eval.rubric_answers,
-        proposer_retries=cfg.rollout.proposer_retries,
-        solver_resample=cfg.rollout.solver_resample,
-        limits=build.guide_limits(cfg),
-        seed=seed,
-        answer_fallback=cfg.algo.answer_fallback,
-    )
+    sp = build.build_selfplay(cfg, reference, reference, critic, n=cfg.eval.rubric_answers, seed=seed)
     examples = [Example(i, d) for i, d in enumerate(docs)]
     for stage in (sp.propose, sp.solve, sp.rubric):  # no judging: eval judges the evaluated model only
         stage(examples, 0)
@@ -160,7 +148,7 @@ def load_or_write_problems(
     key = problems_key(cfg, reference_path, docs)
     path = cache_root(cfg) / f"problems-{key}.jsonl"
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_rows(path)
         log(f"eval problems: {sum(r['valid'] for r in rows)}/{len(rows)} valid, cached in {path}")
         return key, path, rows
     log(f"eval problems: writing {len(docs)} with the reference model (cached as {path})")

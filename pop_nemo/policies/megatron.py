@@ -66,6 +66,23 @@ def runs_here() -> bool:
     return True
 
 
+def stop_checkpoint_writer() -> None:
+    """Shut down the process megatron's ``torch_dist`` checkpoint writer leaves behind.
+
+    The first save starts a ``multiprocessing`` Manager (a ``spawn`` child, about 1 GB resident)
+    for its results queue and keeps it in a module global. A normal interpreter exit shuts it
+    down; a process that ends with ``os._exit`` or is killed leaves it running, orphaned. Call
+    this before such an exit. A no-op when no checkpoint was saved."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    queue, filesystem_async._results_queue = filesystem_async._results_queue, None
+    manager = getattr(queue, "_manager", None)  # multiprocessing's proxy keeps its manager here
+    if manager is not None:
+        manager.shutdown()
+
+
 def te_available() -> bool:
     """True when megatron-core found a real Transformer Engine (and a GPU to run it)."""
     if not torch.cuda.is_available():

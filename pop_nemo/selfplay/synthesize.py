@@ -40,7 +40,7 @@ from pop_nemo.engines.base import Engine, Guide, Message, Request, Sampling
 from pop_nemo.run_output import append_jsonl, console
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.rubric import Criterion
-from pop_nemo.selfplay.stage import Example, SelfPlay, request_seed
+from pop_nemo.selfplay.stage import Example, request_seed
 
 ROLES = ("proposer", "solver", "rubric", "judge")
 PROGRESS = "progress.json"
@@ -411,19 +411,14 @@ class Synthesizer:
         )
         if not (off.rubric_knowledge and off.proposer_knowledge):
             critic = BlindRubricWriter(critic)
-        self.selfplay = SelfPlay(
-            task,
-            proposer=engines["proposer"],
-            solver=engines["solver"],
-            critic=critic,
-            proposer_sampling=build.sampling(cfg.rollout.proposer),
-            solver_sampling=build.sampling(cfg.rollout.solver),
+        self.selfplay = build.build_selfplay(
+            cfg,
+            engines["proposer"],
+            engines["solver"],
+            critic,
             n=off.n,
             proposer_retries=off.proposer_retries,
             solver_resample=off.solver_resample,
-            limits=limits,
-            seed=cfg.seed,
-            answer_fallback=cfg.algo.answer_fallback,
         )
         self.comparative = (
             ComparativeJudge(off.scoring, engines["judge"], build.sampling(cfg.rollout.judge), limits, cfg.seed)

@@ -264,6 +264,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+    from pop_nemo.policies.megatron import stop_checkpoint_writer
+
+    stop_checkpoint_writer()  # os._exit skips the atexit hook that would stop it: it was left orphaned
     os._exit(0)  # skip slow interpreter teardown of megatron/triton state
 
 
