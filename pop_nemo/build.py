@@ -10,6 +10,7 @@ from pop_nemo.critic.base import Critic
 from pop_nemo.engines.base import Engine, Sampling
 from pop_nemo.policies.base import Policy
 from pop_nemo.selfplay import roles
+from pop_nemo.selfplay.stage import SelfPlay
 
 DOMAINS_BY_TASK = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
 
@@ -33,20 +34,24 @@ def guide_budget_warnings(cfg: Config) -> list[str]:
     ]
 
 
-def build_corpus(cfg: Config, rank: int = 0, world_size: int = 1, exclude_ids: set[str] | None = None) -> Corpus:
+def corpus_domains(cfg: Config) -> list[str] | None:
+    """``corpus.domains``, or the task's own domains of the bundled mini corpus."""
     c = cfg.corpus
-    domains = c.domains if c.domains is not None else (DOMAINS_BY_TASK[cfg.task] if c.source == "mini" else None)
-    if exclude_ids is None:  # training never samples the held-out eval documents (pop_nemo.eval.heldout)
-        from pop_nemo.eval.heldout import heldout_ids
+    return c.domains if c.domains is not None else (DOMAINS_BY_TASK[cfg.task] if c.source == "mini" else None)
 
-        exclude_ids = heldout_ids(cfg)
+
+def build_corpus(cfg: Config, rank: int = 0, world_size: int = 1, exclude_ids: set[str] | None = None) -> Corpus:
+    """The run's corpus. Training never samples the held-out evaluation documents (``eval.heldout_fraction``
+    of the ids, see ``pop_nemo.corpus``); an explicit ``exclude_ids`` replaces that split."""
+    c = cfg.corpus
+    e = cfg.eval
     return Corpus(
         source=c.source,
         text_field=c.text_field,
         id_field=c.id_field,
         split=c.split,
         config=c.name,
-        domains=domains,
+        domains=corpus_domains(cfg),
         seed=cfg.seed,
         rank=rank,
         world_size=world_size,
@@ -54,6 +59,8 @@ def build_corpus(cfg: Config, rank: int = 0, world_size: int = 1, exclude_ids: s
         max_words=c.max_words,
         exclude_ids=exclude_ids,
         max_documents=c.max_documents,
+        heldout_fraction=e.heldout_fraction if exclude_ids is None else 0.0,
+        split_salt=e.split_salt,
     )
 
 
@@ -76,12 +83,123 @@ def guide_limits(cfg: Config) -> roles.GuideLimits | None:
     )
 
 
+def engine_device(
+    cuda_devices: int, local_rank: int = 0, policy_device: str | None = None, requested: str = "auto"
+) -> str:
+    """Where an HF engine runs: the one placement rule.
+
+    ``requested`` is ``auto``, ``cpu`` or ``cuda``. Under ``auto``, rollout engines follow the
+    policy they serve: on this rank's GPU (``cuda:LOCAL_RANK``) when the policy trains on CUDA,
+    on the CPU when it trains there. An engine without a policy in the process (critic server,
+    evaluation, synthesis) takes this rank's GPU when there is one. ``cuda_devices`` is 0 when
+    CUDA is not available."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"engine device {requested!r} is unknown; use auto, cpu or cuda")
+    gpu = f"cuda:{local_rank % cuda_devices}" if cuda_devices else None
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        if gpu is None:
+            raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+        return gpu
+    if policy_device is not None and not str(policy_device).startswith("cuda"):
+        return "cpu"
+    return gpu or "cpu"
+
+
+def this_rank_engine_device(policy_device: str | None = None, requested: str = "auto") -> str:
+    """:func:`engine_device` for this process (its ``LOCAL_RANK`` and visible GPUs)."""
+    import torch
+
+    from pop_nemo.distributed import local_rank
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return engine_device(cuda, local_rank(), policy_device, requested)
+
+
+def hf_engine(
+    model_path: str,
+    tokenizer,
+    *,
+    dtype: str,
+    max_batch: int,
+    seed: int,
+    device: str = "cpu",
+    model=None,
+) -> Engine:
+    """The one place an HF engine is built. It loads ``model_path`` onto ``device`` (frozen), or
+    wraps ``model``, a module already placed (the HF policy's own, which the engine shares)."""
+    from pop_nemo.engines.hf import HFEngine
+    from pop_nemo.models import fix_special_tokens, load_causal_lm
+
+    if model is None:
+        model = load_causal_lm(model_path, dtype).eval().requires_grad_(False)
+        fix_special_tokens(tokenizer, model)
+        if device != "cpu":
+            model = model.to(device)
+    return HFEngine(model, tokenizer, max_batch=max_batch, seed=seed)
+
+
+def hf_engine_loader(model: str, dtype: str, device: str, max_batch: int, num_threads: int | None, seed: int):
+    """A ``load()`` for ``pop-nemo serve-openai`` that builds the HF engine (run on the engine thread)."""
+
+    def load() -> Engine:
+        import torch
+
+        from pop_nemo.models import load_tokenizer, resolve_model_path
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        path = resolve_model_path(model)
+        placed = this_rank_engine_device(requested=device)
+        return hf_engine(path, load_tokenizer(path), dtype=dtype, max_batch=max_batch, seed=seed, device=placed)
+
+    return load
+
+
+def build_selfplay(
+    cfg: Config,
+    proposer: Engine,
+    solver: Engine,
+    critic: Critic,
+    *,
+    n: int | None = None,
+    proposer_retries: int | None = None,
+    solver_resample: int | None = None,
+    seed: int | None = None,
+) -> SelfPlay:
+    """The one place a ``SelfPlay`` is built: task, sampling, guide limits and fallback from the
+    config; the online loop, synthesis (``offline.*`` group shape) and the held-out problems
+    (``eval.rubric_answers``, its own seed) differ only in the keyword overrides."""
+    r = cfg.rollout
+    return SelfPlay(
+        roles.get_task(cfg.task),
+        proposer=proposer,
+        solver=solver,
+        critic=critic,
+        proposer_sampling=sampling(r.proposer),
+        solver_sampling=sampling(r.solver),
+        n=r.n if n is None else n,
+        proposer_retries=r.proposer_retries if proposer_retries is None else proposer_retries,
+        solver_resample=r.solver_resample if solver_resample is None else solver_resample,
+        limits=guide_limits(cfg),
+        seed=cfg.seed if seed is None else seed,
+        answer_fallback=cfg.algo.answer_fallback,
+    )
+
+
 @dataclass
 class Backends:
     policy: Policy
     policy_engine: Engine  # the current policy's weights (solver, and roles set to 'policy')
     reference_engine: Engine  # the frozen initial weights
     tokenizer: object
+
+    def placement(self) -> str:
+        """Where the policy and each engine live, for the startup line and ``pop-nemo doctor``."""
+        same = self.reference_engine is self.policy_engine
+        ref = "the policy engine" if same else self.reference_engine.placement
+        return f"policy on {self.policy.device}, policy engine on {self.policy_engine.placement}, reference engine on {ref}"
 
 
 def build_backends(cfg: Config, model_path: str) -> Backends:
@@ -194,21 +312,29 @@ def make_openai_engine(cfg: Config, tokenizer=None) -> Engine:
     return engine
 
 
-def rollout_engines(cfg: Config, model_path: str, tokenizer, policy_model=None, reference_model=None):
+def rollout_engines(
+    cfg: Config, model_path: str, tokenizer, policy_model=None, reference_model=None, policy_device: str | None = None
+):
     """(policy engine, reference engine) for ``rollout.backend``.
 
     ``hf``: in-process engines (over ``policy_model``, which the HF policy trains in place, and
-    ``reference_model``; loaded from ``model_path`` when not given). ``trtllm``: two TensorRT-LLM
+    ``reference_model``; loaded from ``model_path`` when not given, and placed by
+    :func:`engine_device` next to a policy on ``policy_device``). ``trtllm``: two TensorRT-LLM
     engines, the policy's refit every step. ``openai``: the frozen reference roles on the
     endpoint; the policy engine stays in-process (an endpoint cannot be refit)."""
-    from pop_nemo.engines.hf import HFEngine
-    from pop_nemo.models import fix_special_tokens, load_causal_lm
+    device = this_rank_engine_device(policy_device)
 
     def hf(model, offset: int) -> Engine:
-        if model is None:
-            model = load_causal_lm(model_path, cfg.model.dtype)
-            fix_special_tokens(tokenizer, model)
-        return HFEngine(model, tokenizer, max_batch=cfg.rollout.max_batch, seed=cfg.seed + offset)
+        r = cfg.rollout
+        return hf_engine(
+            model_path,
+            tokenizer,
+            dtype=cfg.model.dtype,
+            max_batch=r.max_batch,
+            seed=cfg.seed + offset,
+            device=device,
+            model=model,
+        )
 
     backend = cfg.rollout.backend
     if backend == "trtllm":
@@ -228,7 +354,7 @@ def _build_megatron(cfg: Config, model_path: str) -> Backends:
     tok = load_tokenizer(model_path)
     with_reference = cfg.megatron.reference and cfg.algo.kl_mode != "none"
     policy = _megatron_policy(cfg, model_path, tok, _optimizer_kwargs(cfg), with_reference)
-    policy_engine, reference_engine = rollout_engines(cfg, model_path, tok)
+    policy_engine, reference_engine = rollout_engines(cfg, model_path, tok, policy_device=str(policy.device))
     return Backends(policy, policy_engine, reference_engine, tok)
 
 
@@ -278,8 +404,6 @@ def build_dpo_policy(cfg: Config, model_path: str, total_steps: int, warmup_step
 
 def _hf_policy(cfg: Config, model_path: str, tok, optimizer: dict):
     """The HF policy and its frozen reference, both on the GPU when there is one."""
-    import torch
-
     from pop_nemo.models import fix_special_tokens, load_causal_lm
     from pop_nemo.policies.hf import HFPolicy
 
@@ -287,8 +411,9 @@ def _hf_policy(cfg: Config, model_path: str, tok, optimizer: dict):
     reference = load_causal_lm(model_path, cfg.model.dtype)
     for m in (model, reference):
         fix_special_tokens(tok, m)
-    if torch.cuda.is_available():
-        model, reference = model.to("cuda"), reference.to("cuda")
+    device = this_rank_engine_device()  # the engines share these modules: policy and engines in one place
+    if device != "cpu":
+        model, reference = model.to(device), reference.to(device)
     p = cfg.policy
     return HFPolicy(
         model,

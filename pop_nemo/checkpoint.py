@@ -2,8 +2,8 @@
 
 ``DIR/checkpoints/step_000002/`` is written under a temporary name and renamed into place, then
 ``DIR/checkpoints/latest`` is replaced atomically: a kill at any moment leaves the previous
-checkpoint whole. ``state.json`` holds everything besides the weights: step, config hash and
-the config it hashes, corpus cursor, RNG states and the byte offsets of the JSONL outputs (a
+checkpoint whole. ``state.json`` holds everything besides the weights: step, the settings a
+resume must not change (:func:`resume_guard`, compared on resume), corpus cursor, RNG states and the byte offsets of the JSONL outputs (a
 resumed run cuts them back, so records match an uninterrupted run exactly).
 """
 
@@ -15,15 +15,23 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from pop_nemo.config import Config
+from pop_nemo.errors import ResumeError
 
-
-class ResumeError(RuntimeError):
-    pass
+__all__ = [
+    "Checkpoint",
+    "Checkpointer",
+    "ResumeError",
+    "atomic_write_text",
+    "discard",
+    "resume_guard",
+    "restore",
+    "rng_state",
+]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -45,19 +53,56 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _guarded(cfg: Config) -> dict[str, Any]:
+RunKind = Literal["train", "dpo", "synthesize"]
+
+
+def resume_guard(cfg: Config, run: RunKind = "train", pairs_sha256: str | None = None) -> dict[str, Any]:
+    """The settings a resume must not change, by kind of run: the one list of them.
+
+    ``train``: what changes what a training step means (model, task, data, roles, algorithm,
+    group shape, policy backend: an HF checkpoint is no Megatron one). ``dpo``: the pairs file,
+    the model and the ``dpo.*`` settings but for bookkeeping. ``synthesize``: what shapes a
+    record (not how many documents, in what chunks, or the pair filter applied later)."""
     d = cfg.to_dict()
+    if run == "train":
+        return {
+            "task": d["task"],
+            "seed": d["seed"],
+            "model": d["model"],
+            "corpus": d["corpus"],
+            "roles": d["roles"],
+            "algo": d["algo"],
+            "rollout.n": d["rollout"]["n"],
+            "rollout.docs_per_step": d["rollout"]["docs_per_step"],
+            "policy.backend": d["policy"]["backend"],
+        }
+    if run == "dpo":
+        dpo = {k: v for k, v in d["dpo"].items() if k not in _DPO_BOOKKEEPING}
+        return {"pairs_sha256": pairs_sha256, "dpo": dpo, "model": d["model"]}
+    off = {k: v for k, v in d["offline"].items() if k not in _SYNTHESIS_NOT_SHAPING}
+    off["teacher"] = {k: off["teacher"][k] for k in ("model", "roles", "guide_format")}
     return {
         "task": d["task"],
         "seed": d["seed"],
         "model": d["model"],
         "corpus": d["corpus"],
-        "roles": d["roles"],
-        "algo": d["algo"],
-        "rollout.n": d["rollout"]["n"],
-        "rollout.docs_per_step": d["rollout"]["docs_per_step"],
-        "policy.backend": d["policy"]["backend"],  # an HF checkpoint is no Megatron one, and back
+        "rollout": {k: d["rollout"][k] for k in ("proposer", "solver", "rubric", "judge", "guide")},
+        "answer_fallback": d["algo"]["answer_fallback"],
+        "offline": off,
     }
+
+
+_DPO_BOOKKEEPING = ("save_every", "keep_checkpoints", "max_steps", "export", "eval_batch_size")
+_SYNTHESIS_NOT_SHAPING = (
+    "num_documents",
+    "chunk_size",
+    "best_of_n",
+    "std_threshold",
+    "max_length_diff_words",
+    "length_words",
+    "shuffle_seed",
+    "max_pairs",
+)
 
 
 @dataclass
@@ -112,7 +157,7 @@ class Checkpointer:
 
     def check_compatible(self, ckpt: Checkpoint) -> None:
         """Refuse a checkpoint of another model or of a config that changes what training means."""
-        saved, now = ckpt.state.get("guarded", {}), _guarded(self.cfg)
+        saved, now = ckpt.state.get("guarded", {}), resume_guard(self.cfg)
         # A key that a checkpoint predates (policy.backend came later) is not compared.
         diffs = [k for k in sorted(now) if k in saved and saved[k] != now[k]]
         if diffs:
@@ -130,7 +175,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         policy.save(tmp / "policy")
-        state = {"step": step, "config_hash": self.cfg.training_hash(), "guarded": _guarded(self.cfg), **extra}
+        state = {"step": step, "guarded": resume_guard(self.cfg), **extra}
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)

@@ -8,20 +8,16 @@ import pkgutil
 import sys
 
 from pop_nemo import commands
-from pop_nemo.logging import console
-
-
-class UserError(Exception):
-    """Base for errors that are the user's to fix: printed as one line, exit code 2."""
+from pop_nemo.errors import UserError
+from pop_nemo.run_output import console
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pop_nemo.checkpoint import ResumeError
     from pop_nemo.config import ConfigError
     from pop_nemo.corpus import CorpusError
     from pop_nemo.models import ModelPathError
 
-    return (UserError, ConfigError, CorpusError, ModelPathError, ResumeError)
+    return (UserError, ConfigError, CorpusError, ModelPathError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m pop_nemo.cli`: run the package module's main, whose UserError is the class commands raise.
-    from pop_nemo.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import re
 import types
@@ -420,13 +419,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def training_hash(self) -> str:
-        """Hash of what must not change across a resume (model, task, algorithm, data, seed)."""
-        d = self.to_dict()
-        keep = {k: d[k] for k in ("task", "seed", "model", "corpus", "roles", "algo")}
-        keep["rollout"] = {k: d["rollout"][k] for k in ("n", "docs_per_step")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
 
 # ---------------------------------------------------------------- loading
 
@@ -514,7 +506,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return build_section(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -537,7 +529,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """A config dataclass from a mapping, each field coerced to its type; an unknown field is a
+    ConfigError naming it (``where.field``) and the closest known name. Other config sections
+    (``serve:``) use it too, so every section fails the same way."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -614,4 +609,4 @@ def validate(cfg: Config) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, overrides or [])
-    return validate(_build(Config, data, ""))
+    return validate(build_section(Config, data, ""))

@@ -7,7 +7,7 @@ import importlib.metadata as md
 import importlib.util
 import platform
 
-from pop_nemo.logging import console
+from pop_nemo.run_output import console
 
 COMPONENTS = [
     ("torch", "torch", True),
@@ -63,6 +63,26 @@ def report() -> bool:
             console.print(f"device        cuda x{len(names)}: {', '.join(names)}")
         else:
             console.print(f"device        cpu ({torch.get_num_threads()} threads)")
+        console.print(placement_report())
     except Exception as e:  # a broken torch install should still print the rest
         console.print(f"device        unknown ({e})")
     return ok
+
+
+def placement_report() -> str:
+    """Where this rank would put the policy and its HF rollout engines (``build.engine_device``)."""
+    import torch
+
+    from pop_nemo.build import this_rank_engine_device
+    from pop_nemo.distributed import local_rank
+
+    policy = this_rank_engine_device()  # the HF policy goes where an engine without a policy would
+    engines = this_rank_engine_device(policy_device=policy)
+    megatron = (
+        f"Megatron policy and its HF rollout engines on {this_rank_engine_device(policy_device='cuda')}"
+        if torch.cuda.is_available()
+        else "the Megatron policy needs CUDA"
+    )
+    return (
+        f"placement     LOCAL_RANK {local_rank()}: HF policy on {policy}, its rollout engines on {engines}; {megatron}"
+    )

@@ -60,7 +60,7 @@ class StopRequest:
         stop, unless this was the ``final`` step (then the run is simply done)."""
         if not self.stopped or final:
             return
-        from pop_nemo.logging import console
+        from pop_nemo.run_output import console
 
         why = self.signal_name or "a signal on another rank"
         console.print(

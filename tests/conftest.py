@@ -24,6 +24,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """A suite leaves no process behind: fail when a test's child process is still running at the
+    end (after a grace period for ones that are exiting), name it, and stop it."""
+    import signal
+    import time
+
+    from tests.processes import leftover
+
+    deadline = time.monotonic() + 15
+    while (left := leftover(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"  pid {pid}: {cmd[:200]}" for pid, cmd in left]
+    message = "\n".join(["tests left child processes running (now killed):", *lines])
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     """SmolLM2-135M-Instruct as an HF folder (converted from the bundled GGUF on first use)."""

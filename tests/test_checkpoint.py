@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pop_nemo.checkpoint import Checkpoint, Checkpointer, ResumeError, _guarded, discard
+from pop_nemo.checkpoint import Checkpoint, Checkpointer, ResumeError, discard, resume_guard
 from pop_nemo.config import load_config
-from pop_nemo.launch import check_ranks_resume_together, resume_disagreement
+from pop_nemo.distributed import check_ranks_resume_together, resume_disagreement
 
 
 def _ckpt(tmp_path, cfg, **drop) -> Checkpoint:
-    guarded = _guarded(cfg)
+    guarded = resume_guard(cfg)
     for k in drop:
         guarded.pop(k)
     return Checkpoint(tmp_path, {"step": 3, "guarded": guarded})
@@ -67,3 +67,25 @@ def test_fresh_discards_only_the_named_outputs(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     discard(tmp_path, ("checkpoints", "metrics.jsonl", "tb"))  # tb: absent, fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+class _FilePolicy:
+    """Stands in for a policy's own save (the weights are not what this test is about)."""
+
+    def save(self, path) -> None:
+        path.mkdir(parents=True)
+        (path / "weights").write_text("w")
+
+
+def test_state_json_holds_only_what_resume_reads(tmp_path):
+    """Every setting a resume compares is under ``guarded`` and is compared; there is no second,
+    unread fingerprint of the config (a ``config_hash`` was written and never checked)."""
+    cfg = load_config(None, [])
+    ckpt = Checkpointer(tmp_path, cfg)
+    ckpt.save(1, _FilePolicy(), {"corpus": {}, "rng": {}, "offsets": {}})
+    state = ckpt.latest().state
+    assert set(state) == {"step", "guarded", "corpus", "rng", "offsets"}
+    assert state["guarded"] == resume_guard(cfg)
+    ckpt.check_compatible(ckpt.latest())
+    with pytest.raises(ResumeError, match="rollout.n"):
+        Checkpointer(tmp_path, load_config(None, ["rollout.n=8"])).resume_point()

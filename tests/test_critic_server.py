@@ -347,3 +347,15 @@ def test_loading_server_is_not_ready(tiny_critic):
         gate.set()
         st.wait_ready()
         assert c.get("/healthz").json()["status"] == "ready"
+
+
+def test_serve_engine_admits_only_engines_the_server_can_run():
+    """``serve.engine`` lists what the critic server builds; ``openai`` was admitted, then always rejected."""
+    import typing
+
+    from pop_nemo.config import ConfigError
+    from pop_nemo.critic.server import ServeConfig, load_serve_config
+
+    assert typing.get_args(typing.get_type_hints(ServeConfig)["engine"]) == ("hf", "trtllm")
+    with pytest.raises(ConfigError, match=r"serve.engine='openai' is not allowed; use one of 'hf', 'trtllm'"):
+        load_serve_config(None, ["serve.engine=openai"])

@@ -9,7 +9,7 @@ import pytest
 
 from pop_nemo.build import build_corpus
 from pop_nemo.config import ConfigError, load_config
-from pop_nemo.corpus import Corpus
+from pop_nemo.corpus import Corpus, is_heldout, split_point
 from pop_nemo.eval import heldout, runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,16 +21,16 @@ def cfg(*overrides: str):
 
 
 def test_split_is_a_pure_function_of_the_id():
-    p = heldout.split_point("health-004", "pop-nemo-heldout")
-    assert 0 <= p < 1 and p == heldout.split_point("health-004", "pop-nemo-heldout")
-    assert p != heldout.split_point("health-004", "other-salt")
-    assert heldout.is_heldout("health-004", 0.1, "pop-nemo-heldout")
-    assert not heldout.is_heldout("health-001", 0.1, "pop-nemo-heldout")
+    p = split_point("health-004", "pop-nemo-heldout")
+    assert 0 <= p < 1 and p == split_point("health-004", "pop-nemo-heldout")
+    assert p != split_point("health-004", "other-salt")
+    assert is_heldout("health-004", 0.1, "pop-nemo-heldout")
+    assert not is_heldout("health-001", 0.1, "pop-nemo-heldout")
     ids = [f"doc-{i}" for i in range(4000)]
-    share = sum(heldout.is_heldout(i, 0.1, "s") for i in ids) / len(ids)
+    share = sum(is_heldout(i, 0.1, "s") for i in ids) / len(ids)
     assert 0.085 < share < 0.115
     # a larger fraction only adds documents: evaluation sets nest
-    assert {i for i in ids if heldout.is_heldout(i, 0.05, "s")} <= {i for i in ids if heldout.is_heldout(i, 0.1, "s")}
+    assert {i for i in ids if is_heldout(i, 0.05, "s")} <= {i for i in ids if is_heldout(i, 0.1, "s")}
 
 
 def test_training_corpus_never_holds_a_heldout_document():
@@ -47,7 +47,7 @@ def test_training_corpus_never_holds_a_heldout_document():
     ranks = [{d.id for d in build_corpus(c, rank=r, world_size=2).documents} for r in (0, 1)]
     assert not (ranks[0] | ranks[1]) & held
     # docs come in split order, so a larger num_documents extends the same list
-    points = [heldout.split_point(d.id, c.eval.split_salt) for d in docs]
+    points = [split_point(d.id, c.eval.split_salt) for d in docs]
     assert points == sorted(points)
 
 

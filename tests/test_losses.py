@@ -159,3 +159,39 @@ def test_kl_shaped_rewards():
     got = kl_shaped_rewards(rewards, lp, ref, MASK, kl_coef=0.1)
     assert got.tolist() == pytest.approx([1.0 - 0.03, 0.5 - 0.1], abs=1e-12)
     assert kl_shaped_rewards(rewards, lp, ref, MASK, kl_coef=0.0).tolist() == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_clip_frac_is_averaged_over_micro_batches_and_ranks(aggregation):
+    """Each micro-batch's clip_frac is scaled by the step's normalizer, so the sum the policies
+    report over micro-batches, and then over data-parallel ranks, is the whole batch's share."""
+    from pop_nemo.distributed import sum_over_ranks
+
+    lp = torch.zeros(4, 3, dtype=F64)
+    old = lp - LN(2.0)  # ratio 2 on every token: all clipped at eps 0.2
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=F64)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1], [0, 1, 1]], dtype=F64)
+    cfg = LossConfig(clip_eps=0.2, kl_mode="none", aggregation=aggregation)
+    norm = normalizer(mask, aggregation)
+    _, full = policy_loss(lp, old, adv, mask, cfg, norm=norm)
+    assert full["clip_frac"] == pytest.approx(1.0, abs=1e-12)
+
+    def part(rows: slice) -> dict[str, float]:
+        return policy_loss(lp[rows], old[rows], adv[rows], mask[rows], cfg, norm=norm)[1]
+
+    # 2 ranks, each with 2 micro-batches of one row: what HFPolicy/MegatronPolicy sum up
+    ranks = [sum_over_ranks([part(slice(i, i + 1)), part(slice(i + 1, i + 2))]) for i in (0, 2)]
+    assert sum_over_ranks(ranks)["clip_frac"] == pytest.approx(1.0, abs=1e-12)
+    assert sum_over_ranks(ranks)["pg_loss"] == pytest.approx(full["pg_loss"], abs=1e-12)
+    # half the tokens clipped on rank 1 only: the reduced share is the token (or row) share
+    old2 = old.clone()
+    old2[2:] = lp[2:]  # ratio 1 on rows 2-3
+    _, mixed = policy_loss(lp, old2, adv, mask, cfg, norm=norm)
+    want = 5 / 8 if aggregation == "token_mean" else 2 / 4
+    assert mixed["clip_frac"] == pytest.approx(want, abs=1e-12)
+
+
+def test_sum_over_ranks_skips_ranks_that_report_nothing():
+    from pop_nemo.distributed import sum_over_ranks
+
+    assert sum_over_ranks([{"a": 1.0, "b": 0.5}, None, {}, {"a": 2.0}]) == {"a": 3.0, "b": 0.5}

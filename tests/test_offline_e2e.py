@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pop_nemo.checkpoint import resume_guard
 from pop_nemo.config import load_config
 from pop_nemo.selfplay.synthesize import (
     NONE_KNOWLEDGE,
@@ -29,7 +30,6 @@ from pop_nemo.selfplay.synthesize import (
     Synthesizer,
     anchor_index,
     anchor_score,
-    guarded_settings,
     parse_anchor_ratings,
     parse_better,
     round_robin_scores,
@@ -98,13 +98,14 @@ def test_commit_log_cuts_an_uncommitted_chunk_and_refuses_changes(tmp_path):
 
 
 def test_guard_ignores_what_does_not_shape_records():
-    a = guarded_settings(load_config("conf/offline/smoke_cpu.yaml"))
-    b = guarded_settings(
+    a = resume_guard(load_config("conf/offline/smoke_cpu.yaml"), "synthesize")
+    b = resume_guard(
         load_config(
             "conf/offline/smoke_cpu.yaml", ["offline.num_documents=64", "offline.chunk_size=2", "offline.best_of_n=8"]
-        )
+        ),
+        "synthesize",
     )
-    c = guarded_settings(load_config("conf/offline/smoke_cpu.yaml", ["offline.n=8"]))
+    c = resume_guard(load_config("conf/offline/smoke_cpu.yaml", ["offline.n=8"]), "synthesize")
     assert a == b and a != c
 
 

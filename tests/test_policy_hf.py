@@ -160,6 +160,28 @@ def test_micro_batch_1_equals_micro_batch_4(aggregation):
     assert worst > 1e-3
 
 
+def test_clip_frac_with_two_micro_batches_is_a_share_not_a_sum():
+    """Every completion token clipped: clip_frac is 1 whether the step runs as one micro-batch or
+    two (it was summed over micro-batches, so the smoke config could report up to 2.0)."""
+    cfg = LossConfig(clip_eps=0.2, kl_mode="none")
+    reports = []
+    for mbs in (4, 2):
+        policy = make_policy(micro_batch_size=mbs)
+        batch = make_batch()
+        old = policy.logprobs(batch)
+        batch.extras = {"old_logprobs": old - 1.0, "advantages": torch.tensor([1.0, -0.5, 0.8, -1.2])}
+        norm = normalizer(batch.loss_mask, cfg.aggregation)
+        reports.append(
+            policy.train_step(
+                batch,
+                lambda lp, mb, norm=norm: policy_loss(
+                    lp, mb.extras["old_logprobs"], mb.extras["advantages"], mb.loss_mask, cfg, None, norm
+                ),
+            )
+        )
+    assert [r["clip_frac"] for r in reports] == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
 def test_train_step_changes_weights_and_reports_lr():
     policy = make_policy(lr=1e-3, total_steps=4, warmup_steps=2, min_lr_ratio=0.1)
     batch = with_extras(policy, make_batch())

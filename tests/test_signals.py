@@ -74,7 +74,7 @@ def test_a_signal_in_the_final_step_just_finishes():
 def test_ranks_agree_to_stop_after_the_same_step(tmp_path):
     """Only rank 1 is signalled; both ranks checkpoint the same step and exit 75 (no rank is
     left waiting in a collective of a step the other never runs)."""
-    from pop_nemo.launch import free_port
+    from pop_nemo.distributed import free_port
 
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [_start(1000, {**env, "RANK": str(r)}) for r in range(2)]

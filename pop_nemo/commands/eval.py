@@ -9,12 +9,12 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pop_nemo.cli import UserError
     from pop_nemo.config import load_config
+    from pop_nemo.errors import UserError
     from pop_nemo.eval import healthbench as hb
     from pop_nemo.eval import runner
-    from pop_nemo.logging import console
     from pop_nemo.models import resolve_model_path
+    from pop_nemo.run_output import console
 
     overrides = list(args.overrides)
     if args.healthbench:

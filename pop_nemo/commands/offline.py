@@ -23,8 +23,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
 
 def run_pairs(args: argparse.Namespace) -> int:
-    from pop_nemo.logging import console
     from pop_nemo.rl.pairs import PairFilter, make_pairs, read_records, stats_table, write_pairs
+    from pop_nemo.run_output import console
 
     cfg = _config(args)
     records = read_records(Path(args.input))

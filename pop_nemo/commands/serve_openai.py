@@ -6,7 +6,8 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from pop_nemo.engines.openai_server import ServeOpenAIConfig, hf_engine_loader, serve
+    from pop_nemo.build import hf_engine_loader
+    from pop_nemo.engines.openai_server import ServeOpenAIConfig, serve
 
     cfg = ServeOpenAIConfig(
         model_name=args.served_model_name or args.model,

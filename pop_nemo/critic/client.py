@@ -32,10 +32,10 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import ValidationError
 
-from pop_nemo.cli import UserError
 from pop_nemo.config import ConfigError, critic_urls
 from pop_nemo.critic.base import JudgeItem, Judgement, RubricItem, RubricResult
 from pop_nemo.critic.schema import TIMEOUT_HEADER, TOKEN_ENV, RubricResponse, ScoreResponse
+from pop_nemo.errors import UserError
 from pop_nemo.selfplay.rubric import Criterion, Rating
 
 T = TypeVar("T")
@@ -432,7 +432,7 @@ class CriticClient:
         wait_ready: bool = True,
         **kwargs: Any,
     ):
-        from pop_nemo.logging import console
+        from pop_nemo.run_output import console
 
         def log(msg: str) -> None:
             console.print(f"[yellow]critic:[/] {msg}")

@@ -9,7 +9,7 @@ the parsers raise only RubricError, which becomes an invalid result carrying its
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pop_nemo.critic.base import JudgeItem, Judgement, RubricItem, RubricResult
 from pop_nemo.engines.base import Engine, Request, Sampling
@@ -40,6 +40,9 @@ class LocalCritic:
         self.writing = writing
         self.limits = limits
         self.judge_mode, self.paper_parsing = judge_mode, paper_parsing
+
+    def step_metrics(self) -> dict[str, Any]:
+        return {}  # nothing beyond the step's own counts: no replicas, no network
 
     def write_rubrics(self, items: Sequence[RubricItem]) -> list[RubricResult]:
         guide = roles.rubric_guide(self.limits) if self.limits else None

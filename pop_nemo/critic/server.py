@@ -60,7 +60,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"  # anything but loopback needs a bearer token in $POP_NEMO_CRITIC_TOKEN
     port: int = 8765
-    engine: Literal["hf", "trtllm", "openai"] = "hf"
+    engine: Literal["hf", "trtllm"] = "hf"  # trtllm: GPU only (the NGC image)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None  # torch CPU threads; None = torch default
     max_batch: int = 32  # items per engine call
@@ -78,9 +78,6 @@ def check_serve_config(s: ServeConfig) -> ServeConfig:
         if not ok:
             raise ConfigError(msg)
 
-    need(
-        s.engine in ("hf", "trtllm"), f"serve.engine={s.engine!r} is not available in this build; use 'hf' or 'trtllm'"
-    )
     need(0 <= s.port < 65536, f"serve.port={s.port} must be in 0..65535")
     need(s.max_batch >= 1, "serve.max_batch must be >= 1")
     need(s.max_wait_ms >= 0, "serve.max_wait_ms must be >= 0")
@@ -94,13 +91,13 @@ def check_serve_config(s: ServeConfig) -> ServeConfig:
 
 def load_serve_config(path: str | None, overrides: Sequence[str] = ()) -> tuple[Any, ServeConfig]:
     """A pop_nemo config plus its ``serve:`` section (dotted overrides reach both: serve.port=9000)."""
-    from pop_nemo.config import Config, _build, apply_overrides, load_yaml, validate
+    from pop_nemo.config import Config, apply_overrides, build_section, load_yaml, validate
 
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides))
     serve = data.pop("serve", None) or {}
-    cfg = validate(_build(Config, data, ""))
-    return cfg, check_serve_config(_build(ServeConfig, serve, "serve"))
+    cfg = validate(build_section(Config, data, ""))
+    return cfg, check_serve_config(build_section(ServeConfig, serve, "serve"))
 
 
 def is_loopback(host: str) -> bool:
@@ -565,8 +562,7 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
 
     from pop_nemo import build
     from pop_nemo.critic.local import LocalCritic
-    from pop_nemo.engines.hf import HFEngine
-    from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer, resolve_model_path
+    from pop_nemo.models import load_tokenizer, resolve_model_path
     from pop_nemo.selfplay.roles import get_task
 
     if scfg.num_threads:
@@ -576,13 +572,10 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
     if scfg.engine == "trtllm":  # GPU only: TensorRT-LLM from the NGC container
         engine = build.make_trtllm_engine(cfg, path, tok, name="critic")
     else:
-        model = load_causal_lm(path, cfg.model.dtype).eval()
-        fix_special_tokens(tok, model)
-        device = scfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device)
-        engine = HFEngine(model, tok, max_batch=scfg.max_batch, seed=cfg.seed)
+        device = build.this_rank_engine_device(requested=scfg.device)
+        engine = build.hf_engine(
+            path, tok, dtype=cfg.model.dtype, max_batch=scfg.max_batch, seed=cfg.seed, device=device
+        )
     return LocalCritic(
         rubric_engine=engine,
         judge_engine=engine,
@@ -607,8 +600,8 @@ def serve(cfg: Any, scfg: ServeConfig, token: str | None = None) -> int:
     """Run the server until SIGINT/SIGTERM. Returns the process exit code."""
     import uvicorn
 
-    from pop_nemo.logging import console
     from pop_nemo.models import resolve_model_path
+    from pop_nemo.run_output import console
 
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
     check_bind(scfg.host, token)

@@ -51,7 +51,20 @@ class Completion:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Batched generation. ``generate`` returns, per request, ``sampling.n`` completions."""
+    """Batched generation. ``generate`` returns, per request, ``sampling.n`` completions.
+
+    Everything callers use is declared here, so no caller probes an engine with ``getattr``:
+    ``pad_id`` pads training batches built from its token ids (``None`` when it has no tokenizer),
+    ``stats["generated_tokens"]`` counts what it generated (the loop's throughput), ``placement``
+    says where it runs (startup line, ``pop-nemo doctor``), ``close`` releases what it holds."""
+
+    pad_id: int | None
+    stats: dict[str, Any]
+
+    @property
+    def placement(self) -> str:
+        """Where it runs, in words: ``cpu``, ``cuda:0``, a TensorRT-LLM layout, an endpoint URL."""
+        ...
 
     def generate(self, requests: Sequence[Request]) -> list[list[Completion]]: ...
 
@@ -62,3 +75,7 @@ class Engine(Protocol):
     def sleep(self) -> None: ...
 
     def wake(self) -> None: ...
+
+    def close(self) -> None:
+        """Release threads, connections or GPU engines; the engine is not used afterwards."""
+        ...

@@ -133,6 +133,10 @@ class HFEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def placement(self) -> str:
+        return str(self.device)
+
     def encode(self, request: Request) -> list[int]:
         out = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
@@ -302,4 +306,7 @@ class HFEngine:
         pass
 
     def wake(self) -> None:
+        pass
+
+    def close(self) -> None:  # nothing held beyond the model, which the caller owns
         pass

@@ -81,6 +81,7 @@ class OpenAIEngine:
         self.guide_format = guide_format
         self.max_concurrency, self.max_retries, self.backoff_s = max_concurrency, max_retries, backoff_s
         self.tokenizer, self.logprobs, self.return_token_ids = tokenizer, logprobs, return_token_ids
+        self.pad_id: int | None = None
         if tokenizer is not None:
             self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -207,6 +208,10 @@ class OpenAIEngine:
 
     def wake(self) -> None:
         pass
+
+    @property
+    def placement(self) -> str:
+        return f"endpoint {self.url} (model {self.model})"
 
     def close(self) -> None:
         self._client.close()

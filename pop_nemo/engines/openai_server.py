@@ -1,4 +1,4 @@
-"""``pop-nemo serve-openai``: an OpenAI-compatible chat-completions server over any pop_nemo Engine.
+"""``pop-nemo serve-openai``: an OpenAI-compatible chat-completions server over the HF engine.
 
 It serves the HF engine (SmolLM2 on a CPU, or any HF model on a GPU) behind the subset of the
 OpenAI API that rollouts and teacher roles use, so :class:`~pop_nemo.engines.openai.OpenAIEngine`
@@ -31,15 +31,18 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from pop_nemo.engines.base import Completion, Engine, Guide, Sampling
+from pop_nemo.engines.base import Completion, Guide, Sampling
 from pop_nemo.engines.base import Request as EngineRequest
+
+if TYPE_CHECKING:
+    from pop_nemo.engines.hf import HFEngine
 
 TOKEN_ENV = "POP_NEMO_OPENAI_TOKEN"
 MAX_SEED = 2**63
@@ -176,7 +179,7 @@ class _Work:
 
 @dataclass
 class OpenAIService:
-    load: Callable[[], Engine]
+    load: Callable[[], HFEngine]  # the served engine: its tokenizer, grammars and context length are used
     cfg: ServeOpenAIConfig
     state: str = "loading"  # loading | ready | failed
     load_error: str | None = None
@@ -250,9 +253,8 @@ class OpenAIService:
                         w.future.set_result(r)
 
 
-def _model_context(engine: Any) -> int | None:
-    model = getattr(engine, "model", None)
-    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def _model_context(engine: HFEngine) -> int | None:
+    n = getattr(engine.model.config, "max_position_embeddings", None)  # not every model config has it
     return int(n) if n else None
 
 
@@ -332,8 +334,7 @@ def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
         sampling = Sampling(req.temperature, req.top_p, max_tokens, req.n, seed, guide)
         er = EngineRequest(messages, sampling, id=uuid.uuid4().hex)
-        encode = getattr(engine, "encode", None)
-        prompt_ids = list(encode(er)) if encode is not None else []
+        prompt_ids = list(engine.encode(er))
         if service.max_context and len(prompt_ids) + max_tokens > service.max_context:
             raise APIError(
                 400,
@@ -344,15 +345,13 @@ def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
                 "context_length_exceeded",
             )
         if guide is not None:
-            grammars = getattr(engine, "grammars", None)
-            if grammars is not None:
-                try:
-                    grammars.compile(guide)
-                except Exception as e:
-                    raise APIError(400, f"the guide does not compile: {e}", "response_format") from None
+            try:
+                engine.grammars.compile(guide)
+            except Exception as e:
+                raise APIError(400, f"the guide does not compile: {e}", "response_format") from None
         service.stats["requests"] += 1
         comps = await service.submit(er)
-        tok = getattr(engine, "tokenizer", None)
+        tok = engine.tokenizer
         choices = []
         for k, c in enumerate(comps):
             choice: dict[str, Any] = {
@@ -396,29 +395,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def hf_engine_loader(model: str, dtype: str, device: str, max_batch: int, num_threads: int | None, seed: int):
-    """A ``load()`` that builds an :class:`~pop_nemo.engines.hf.HFEngine` (run on the engine thread)."""
-
-    def load():
-        import torch
-
-        from pop_nemo.engines.hf import HFEngine
-        from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer, resolve_model_path
-
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        path = resolve_model_path(model)
-        tok = load_tokenizer(path)
-        lm = load_causal_lm(path, dtype).eval()
-        fix_special_tokens(tok, lm)
-        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        lm.to(dev)
-        return HFEngine(lm, tok, max_batch=max_batch, seed=seed)
-
-    return load
-
-
-def serve(load: Callable[[], Engine], cfg: ServeOpenAIConfig, token: str | None = None) -> int:
+def serve(load: Callable[[], HFEngine], cfg: ServeOpenAIConfig, token: str | None = None) -> int:
     import uvicorn
 
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)

@@ -260,6 +260,7 @@ class TRTLLMEngine:
         self.refit_mode = refit
         self.bucket_bytes = refit_bucket_mb * 2**20
         self.sleep_tags = list(sleep_tags)
+        self.tensor_parallel_size = tensor_parallel_size
         self.asleep = False
         self.export_dir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="pop_nemo_trtllm_"))
         self._llm_args: dict[str, Any] = {
@@ -409,6 +410,13 @@ class TRTLLMEngine:
         shutdown = getattr(self.llm, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+    def close(self) -> None:
+        self.shutdown()
+
+    @property
+    def placement(self) -> str:
+        return f"TensorRT-LLM on GPU (TP={self.tensor_parallel_size})"
 
 
 def _torch_dtype(name: Any):

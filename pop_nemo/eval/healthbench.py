@@ -33,6 +33,7 @@ from typing import Any
 
 from pop_nemo.engines.base import Engine, Guide, Message, Request, Sampling
 from pop_nemo.eval.stats import bootstrap_mean
+from pop_nemo.jsonl import read_lines
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.stage import request_seed
 
@@ -101,13 +102,7 @@ def load(path: Path, limit: int | None = None) -> list[Conversation]:
         raise HealthBenchError(f"HealthBench file {str(path)!r} does not exist (eval.healthbench)")
     out: list[Conversation] = []
     seen: set[str] = set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HealthBenchError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, obj in read_lines(path, HealthBenchError):
         conv = _parse_line(obj, f"{path}:{n}")
         if conv.id in seen:
             raise HealthBenchError(f"{path}:{n}: prompt_id {conv.id!r} repeats an earlier line")

@@ -2,7 +2,7 @@
 
 * **Split.** A document is held out when ``hash(split_salt, doc id) < heldout_fraction``: a
   property of its id alone, so the split is the same for every seed, rank, corpus size and
-  run, and ``pop_nemo.build.build_corpus`` hands training the complement.
+  run; the corpus owns it (``pop_nemo.corpus``) and hands training the complement.
 * **Problems.** For the first ``eval.num_documents`` held-out documents (in hash order, so a
   larger corpus keeps the same ones first), the reference model proposes a problem and a
   reference answer, answers it ``eval.rubric_answers`` times, and writes a rubric from those
@@ -24,86 +24,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pop_nemo import build
 from pop_nemo.config import Config
-from pop_nemo.corpus import Corpus, Document, truncate_words
+from pop_nemo.corpus import Corpus, Document
 from pop_nemo.critic.base import Critic, JudgeItem
 from pop_nemo.engines.base import Engine, Request, Sampling
 from pop_nemo.eval.stats import bootstrap_mean
+from pop_nemo.jsonl import read_rows
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.rubric import Criterion
-from pop_nemo.selfplay.stage import Example, SelfPlay, request_seed
+from pop_nemo.selfplay.stage import Example, request_seed
 
 CACHE_VERSION = 1
 MODES = ("greedy", "sampled")
 
 
-# ---------------------------------------------------------------- the split
-
-
-def split_point(doc_id: str, salt: str) -> float:
-    """A uniform number in [0, 1) fixed by the document id (and the salt)."""
-    digest = hashlib.sha256(f"{salt}:{doc_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def is_heldout(doc_id: str, fraction: float, salt: str) -> bool:
-    return split_point(doc_id, salt) < fraction
-
-
-def _domains(cfg: Config) -> list[str] | None:
-    from pop_nemo.build import DOMAINS_BY_TASK
-
-    c = cfg.corpus
-    return c.domains if c.domains is not None else (DOMAINS_BY_TASK[cfg.task] if c.source == "mini" else None)
-
-
-def _corpus_rows(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
-    """``(doc id, row)`` for every row the training corpus reads, before it filters or samples.
-
-    Uses the same loader and the same id rule as ``Corpus`` (an ``id_field`` value, else
-    ``<file name>:<row>``), so the excluded ids are exactly the ids training would see.
-    """
-    c = cfg.corpus
-    limit = 2 * c.max_documents if c.max_documents else None
-    rows = Corpus._load(c.source, c.split, c.name, _domains(cfg), limit, cfg.seed)
-    out = []
-    for i, r in enumerate(rows):
-        doc_id = str(r[c.id_field]) if c.id_field and r.get(c.id_field) is not None else f"{Path(c.source).name}:{i}"
-        out.append((doc_id, r))
-    return out
-
-
-_ROWS_MEMO: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-
-
-def _rows_memo(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
-    key = json.dumps([cfg.task, cfg.seed, cfg.to_dict()["corpus"]], sort_keys=True)
-    if key not in _ROWS_MEMO:
-        _ROWS_MEMO.clear()
-        _ROWS_MEMO[key] = _corpus_rows(cfg)
-    return _ROWS_MEMO[key]
+# ---------------------------------------------------------------- the split (owned by the corpus)
 
 
 def heldout_ids(cfg: Config) -> set[str]:
-    """Ids of the corpus documents reserved for evaluation: pass as ``Corpus(exclude_ids=...)``."""
-    e = cfg.eval
-    if e.heldout_fraction <= 0:
-        return set()
-    return {doc_id for doc_id, _ in _rows_memo(cfg) if is_heldout(doc_id, e.heldout_fraction, e.split_salt)}
+    """Ids of the corpus documents reserved for evaluation (training never samples them)."""
+    return build.build_corpus(cfg).heldout_ids
 
 
-def heldout_documents(cfg: Config) -> list[Document]:
-    """The held-out documents that pass the corpus filters, in split-hash order."""
-    c, e = cfg.corpus, cfg.eval
-    docs = []
-    for doc_id, r in _rows_memo(cfg):
-        text = r.get(c.text_field)
-        if not isinstance(text, str) or len(text.split()) < c.min_words:
-            continue
-        if is_heldout(doc_id, e.heldout_fraction, e.split_salt):
-            docs.append(Document(doc_id, truncate_words(text, c.max_words)))
-    docs.sort(key=lambda d: (split_point(d.id, e.split_salt), d.id))
-    return docs
+def heldout_documents(cfg: Config, corpus: Corpus | None = None) -> list[Document]:
+    """The held-out documents that pass the corpus filters, in split-hash order. ``corpus``: the
+    run's corpus when it is at hand, so the documents are not read a second time."""
+    return (corpus or build.build_corpus(cfg)).heldout_documents()
 
 
 # ---------------------------------------------------------------- cached problems and rubrics
@@ -179,20 +126,7 @@ def write_problems(
     cfg: Config, docs: list[Document], reference: Engine, critic: Critic, seed: int
 ) -> list[dict[str, Any]]:
     """The reference model writes a problem and a rubric for each document (batched by stage)."""
-    sp = SelfPlay(
-        roles.get_task(cfg.task),
-        proposer=reference,
-        solver=reference,
-        critic=critic,
-        proposer_sampling=_sampling(cfg.rollout.proposer),
-        solver_sampling=_sampling(cfg.rollout.solver),
-        n=cfg.eval.rubric_answers,
-        proposer_retries=cfg.rollout.proposer_retries,
-        solver_resample=cfg.rollout.solver_resample,
-        limits=_limits(cfg),
-        seed=seed,
-        answer_fallback=cfg.algo.answer_fallback,
-    )
+    sp = build.build_selfplay(cfg, reference, reference, critic, n=cfg.eval.rubric_answers, seed=seed)
     examples = [Example(i, d) for i, d in enumerate(docs)]
     for stage in (sp.propose, sp.solve, sp.rubric):  # no judging: eval judges the evaluated model only
         stage(examples, 0)
@@ -214,7 +148,7 @@ def load_or_write_problems(
     key = problems_key(cfg, reference_path, docs)
     path = cache_root(cfg) / f"problems-{key}.jsonl"
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_rows(path)
         log(f"eval problems: {sum(r['valid'] for r in rows)}/{len(rows)} valid, cached in {path}")
         return key, path, rows
     log(f"eval problems: writing {len(docs)} with the reference model (cached as {path})")
@@ -240,12 +174,6 @@ def valid_problems(rows: list[dict[str, Any]]) -> list[Problem]:
 
 def _sampling(s) -> Sampling:
     return Sampling(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens)
-
-
-def _limits(cfg: Config) -> roles.GuideLimits | None:
-    from pop_nemo.build import guide_limits
-
-    return guide_limits(cfg)
 
 
 def answer_and_judge(cfg: Config, problems: list[Problem], model: Engine, judge: Critic) -> list[dict[str, Any]]:

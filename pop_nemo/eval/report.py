@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pop_nemo.logging import read_jsonl
+from pop_nemo.run_output import read_jsonl
 
 # (file name, title, metric keys, y label); every metric the issue names has a home here.
 FIGURES: list[tuple[str, str, list[str], str]] = [

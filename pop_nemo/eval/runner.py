@@ -26,7 +26,8 @@ from pop_nemo.engines.base import Engine, Sampling
 from pop_nemo.eval import healthbench as hb
 from pop_nemo.eval import heldout
 from pop_nemo.eval.stats import paired_comparison
-from pop_nemo.logging import append_jsonl, console
+from pop_nemo.jsonl import read_rows
+from pop_nemo.run_output import append_jsonl, console
 from pop_nemo.selfplay.stage import request_seed
 
 SUMMARY = "summary.json"
@@ -139,7 +140,7 @@ def load_eval_dir(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], lis
 
     def rows(name: str) -> list[dict[str, Any]]:
         f = path / name
-        return [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()] if f.is_file() else []
+        return read_rows(f) if f.is_file() else []
 
     return json.loads(s.read_text(encoding="utf-8")), rows("heldout.jsonl"), rows("healthbench.jsonl")
 
@@ -239,16 +240,17 @@ def resolve_model(spec: str) -> tuple[str, str, int | None]:
 
 
 def load_engine(cfg: Config, path: str, tokenizer_fallback: str, max_batch: int):
-    """An HFEngine on ``path``; the tokenizer comes from ``path`` if it has one (checkpoints do not)."""
-    from pop_nemo.engines.hf import HFEngine
-    from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer, resolve_model_path
+    """An HF engine on ``path`` (this rank's GPU when there is one); the tokenizer comes from
+    ``path`` if it has one (checkpoints do not)."""
+    from pop_nemo import build
+    from pop_nemo.models import load_tokenizer, resolve_model_path
 
     p = Path(path)
     has_tok = not p.is_dir() or any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = load_tokenizer(path if has_tok else resolve_model_path(tokenizer_fallback))
-    model = load_causal_lm(resolve_model_path(path) if not p.is_dir() else path, cfg.model.dtype).eval()
-    fix_special_tokens(tok, model)
-    return HFEngine(model, tok, max_batch=max_batch, seed=cfg.eval.seed)
+    weights = resolve_model_path(path) if not p.is_dir() else path
+    device = build.this_rank_engine_device()
+    return build.hf_engine(weights, tok, dtype=cfg.model.dtype, max_batch=max_batch, seed=cfg.eval.seed, device=device)
 
 
 def build_grader(cfg: Config, reference: Engine) -> Engine:
@@ -276,8 +278,11 @@ def check_backends(cfg: Config) -> None:
 _IN_LOOP: dict[tuple[int, int], Evaluator] = {}
 
 
-def evaluate_during_training(cfg: Config, backends, step: int, run_dir: Path) -> dict[str, Any]:
-    """Evaluate the current policy (``backends.policy_engine``) on the cached held-out problems.
+def evaluate_during_training(
+    cfg: Config, model: Engine, reference: Engine, tokenizer: Any, step: int, run_dir: Path
+) -> dict[str, Any]:
+    """Evaluate the current policy's engine (``model``) on the cached held-out problems, graded
+    by the ``reference`` engine (``tokenizer`` is the reference critic's).
 
     Called by the online loop every ``eval.every_steps``; writes ``run_dir/eval/step_XXXXXX/`` and
     returns flat ``eval/...`` metrics for the step's metrics row. Problems and rubrics come from
@@ -285,16 +290,12 @@ def evaluate_during_training(cfg: Config, backends, step: int, run_dir: Path) ->
     """
     from pop_nemo.models import resolve_model_path
 
-    key = (id(cfg), id(backends))
+    key = (id(cfg), id(reference))
     if key not in _IN_LOOP:
         _IN_LOOP.clear()
-        _IN_LOOP[key] = Evaluator(
-            cfg, resolve_model_path(cfg.model.path), backends.reference_engine, backends.tokenizer
-        )
+        _IN_LOOP[key] = Evaluator(cfg, resolve_model_path(cfg.model.path), reference, tokenizer)
     t = time.perf_counter()
-    summary = _IN_LOOP[key].run(
-        backends.policy_engine, Path(run_dir) / "eval" / f"step_{step:06d}", f"step {step}", step
-    )
+    summary = _IN_LOOP[key].run(model, Path(run_dir) / "eval" / f"step_{step:06d}", f"step {step}", step)
     return {**flat_metrics(summary), "eval/time_s": time.perf_counter() - t}
 
 

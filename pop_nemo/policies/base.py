@@ -62,6 +62,11 @@ LossFn = Callable[[torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, floa
 
 
 class Policy(Protocol):
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's model lives (its rollout engines are placed next to it)."""
+        ...
+
     def logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
         """Token logprobs under the policy (or the frozen reference), no grad."""
         ...

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pop_nemo.compat import allow_megatron_bridge_import
+from pop_nemo.distributed import all_sum_metrics
 from pop_nemo.policies.base import LossFn, TokenBatch, warmup_cosine
 
 _FUSIONS = (
@@ -54,8 +55,33 @@ _FUSIONS = (
 
 
 def runs_here() -> bool:
-    """CUDA is visible, or the test suite's CPU shim stands in for it (tests/megatron/cpu_shim.py)."""
-    return torch.cuda.is_available() or getattr(torch.cuda, "_pop_nemo_cpu_shim", False)
+    """megatron-core's hard-coded ``torch.cuda`` calls work in this process: CUDA is visible, or
+    something maps those calls to the CPU (the test suite's shim). Probed by calling one, so
+    package code names no shim."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        torch.cuda.current_device()
+    except (AssertionError, RuntimeError):  # not compiled with CUDA / no driver
+        return False
+    return True
+
+
+def stop_checkpoint_writer() -> None:
+    """Shut down the process megatron's ``torch_dist`` checkpoint writer leaves behind.
+
+    The first save starts a ``multiprocessing`` Manager (a ``spawn`` child, about 1 GB resident)
+    for its results queue and keeps it in a module global. A normal interpreter exit shuts it
+    down; a process that ends with ``os._exit`` or is killed leaves it running, orphaned. Call
+    this before such an exit. A no-op when no checkpoint was saved."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    queue, filesystem_async._results_queue = filesystem_async._results_queue, None
+    manager = getattr(queue, "_manager", None)  # multiprocessing's proxy keeps its manager here
+    if manager is not None:
+        manager.shutdown()
 
 
 def te_available() -> bool:
@@ -125,7 +151,7 @@ class MegatronPolicy:
         row_group: int = 1,
         seed: int = 1234,
     ):
-        from pop_nemo.launch import init_distributed
+        from pop_nemo.distributed import init_distributed
 
         if not runs_here():
             raise RuntimeError(
@@ -377,22 +403,11 @@ class MegatronPolicy:
             for o in outs:
                 for k, v in o.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
-        totals = self._sum_over_ranks(totals)
+        totals = all_sum_metrics(totals)
         return {**totals, "grad_norm": float(grad_norm), "lr": lr, **({} if ok else {"skipped_step": 1.0})}
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def _sum_over_ranks(self, totals: dict[str, float]) -> dict[str, float]:
-        if dist.get_world_size() == 1:
-            return totals
-        gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, totals)
-        out: dict[str, float] = {}
-        for d in gathered:
-            for k, v in (d or {}).items():
-                out[k] = out.get(k, 0.0) + v
-        return out
 
     def engine_weights(self) -> dict[str, torch.Tensor]:
         """The full HF state dict (every rank gets all tensors) for ``HFEngine.update_weights``."""

@@ -36,12 +36,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pop_nemo import build, launch, signals
-from pop_nemo.checkpoint import Checkpointer, ResumeError, atomic_write_text, discard, restore, rng_state
+from pop_nemo import build
+from pop_nemo.checkpoint import (
+    ResumeError,
+    atomic_write_text,
+    resume_guard,
+)
 from pop_nemo.config import Config, ConfigError
 from pop_nemo.engines.prefix import common_prefix
-from pop_nemo.logging import RunLogger, console, step_progress
+from pop_nemo.jsonl import read_lines
 from pop_nemo.policies.base import Policy, TokenBatch
+from pop_nemo.rl.scaffold import RunScaffold
+from pop_nemo.run_output import console, step_progress
 
 
 class DPOInputError(ConfigError):
@@ -120,25 +126,18 @@ def load_pairs(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DPOInputError(f"--pairs {str(path)!r} does not exist (it is the output of `pop-nemo pairs`)")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DPOInputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            ok = all(isinstance(p.get(k), list) and p[k] for k in ("prompt", "chosen", "rejected"))
-            if not ok or any(
-                not isinstance(m, dict) or "role" not in m or "content" not in m
-                for k in ("prompt", "chosen", "rejected")
-                for m in p[k]
-            ):
-                raise DPOInputError(
-                    f"{path}:{n}: not a preference pair (needs prompt, chosen and rejected as lists of "
-                    "{role, content} messages, as `pop-nemo pairs` writes)"
-                )
-            pairs.append(p)
+    for n, p in read_lines(path, DPOInputError):
+        ok = isinstance(p, dict) and all(isinstance(p.get(k), list) and p[k] for k in ("prompt", "chosen", "rejected"))
+        if not ok or any(
+            not isinstance(m, dict) or "role" not in m or "content" not in m
+            for k in ("prompt", "chosen", "rejected")
+            for m in p[k]
+        ):
+            raise DPOInputError(
+                f"{path}:{n}: not a preference pair (needs prompt, chosen and rejected as lists of "
+                "{role, content} messages, as `pop-nemo pairs` writes)"
+            )
+        pairs.append(p)
     if not pairs:
         raise DPOInputError(f"{path} holds no pairs; see the statistics `pop-nemo pairs` printed for why")
     return pairs
@@ -213,29 +212,15 @@ def evaluate(policy: Policy, pairs: list[TokenizedPair], pad_id: int, beta: floa
 # ---------------------------------------------------------------- the loop
 
 
-def _guarded(cfg: Config, pairs_sha: str) -> dict[str, Any]:
-    d = cfg.to_dict()["dpo"]
-    for k in ("save_every", "keep_checkpoints", "max_steps", "export", "eval_batch_size"):
-        d.pop(k)
-    return {"pairs_sha256": pairs_sha, "dpo": d, "model": cfg.to_dict()["model"]}
-
-
 def train_dpo(
     cfg: Config, pairs_path: str | Path, output_dir: str | Path, fresh: bool = False, require_resume: bool = False
 ) -> dict[str, Any]:
     """Train (or resume) DPO; return the final summary (train steps and held-out metrics)."""
-    import yaml
 
     from pop_nemo.models import resolve_model_path
 
-    stop = signals.install()  # SIGUSR1 (Slurm, before the time limit): checkpoint at the step's end, exit 75
     d = cfg.dpo
     out = Path(output_dir)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    random.seed(d.seed)
-    torch.manual_seed(d.seed)
-
     pairs_path = Path(pairs_path)
     raw = load_pairs(pairs_path)
     pairs_sha = hashlib.sha256(pairs_path.read_bytes()).hexdigest()
@@ -247,12 +232,19 @@ def train_dpo(
     warmup_steps = math.ceil(d.warmup_ratio * total_steps)
     last_step = min(total_steps, d.max_steps) if d.max_steps else total_steps
 
-    if fresh:
-        discard(out, ("checkpoints", "metrics.jsonl", "records.jsonl", "tb", "eval.json", "final_model"))
+    run = RunScaffold(
+        cfg,
+        out,
+        seed=d.seed,
+        outputs=("checkpoints", "metrics.jsonl", "records.jsonl", "tb", "eval.json", "final_model"),
+        keep=d.keep_checkpoints,
+        save_every=d.save_every,
+        fresh=fresh,
+        require_resume=require_resume,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(out / "checkpoints", cfg, keep=d.keep_checkpoints)
-    resume = ckpt.resume_point(require=require_resume)
-    guard = _guarded(cfg, pairs_sha)
+    resume = run.resume
+    guard = resume_guard(cfg, "dpo", pairs_sha)
     if resume is not None:
         saved = resume.state.get("dpo_guard", {})
         diffs = [k for k in sorted(set(saved) | set(guard)) if saved.get(k) != guard.get(k)]
@@ -271,7 +263,6 @@ def train_dpo(
     )
     model_path = resolve_model_path(cfg.model.path)
     policy, tok = build.build_dpo_policy(cfg, model_path, total_steps, warmup_steps)
-    launch.check_ranks_resume_together(resume.step if resume is not None else 0)
     pad_id = tok.pad_token_id
     data = [tokenize_pair(tok, p, d.max_length, d.max_prompt_length) for p in raw]
     truncated = sum(
@@ -281,11 +272,8 @@ def train_dpo(
     if truncated:
         console.print(f"note: {truncated} pair(s) reach dpo.max_prompt_length or dpo.max_length and were truncated")
 
-    logger = RunLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    start = 0
+    start = run.open(policy)
     if resume is not None:
-        start = restore(resume, policy, logger)
         console.print(f"resumed from {resume.path} (step {start})")
 
     progress = step_progress(cfg.logging.progress)
@@ -308,21 +296,18 @@ def train_dpo(
             dt = time.perf_counter() - t0
             tokens = int(batch.attention_mask.sum())
             metrics.update({"train_tokens": tokens, "time_step": dt, "train_tokens_per_s": tokens / dt if dt else None})
-            logger.log(step + 1, metrics, [])
+            run.log(step + 1, metrics, [])
             console.print(
                 f"step {step + 1:>4}/{total_steps} | loss {metrics['loss']:.4f} | margin {metrics['reward_margin']:+.5f}"
                 f" | acc {metrics['reward_accuracy']:.2f} | lr {metrics['lr']:.2e} | {dt:.1f}s"
             )
             last = step + 1 == last_step
-            if stop.poll() or (step + 1) % d.save_every == 0 or last:
-                ckpt.save(step + 1, policy, {"rng": rng_state(), "offsets": logger.offsets(), "dpo_guard": guard})
+            run.save_if_due(step + 1, last, policy, {"dpo_guard": guard})
             progress.update(bar, advance=1)
-            if stop.stopped and not last:
-                logger.close()
-                stop.exit_if_stopped(step + 1)
+            run.exit_if_stopped(step + 1, last)
 
     if last_step < total_steps:
-        logger.close()
+        run.close()
         console.print(f"stopped after step {last_step} of {total_steps} (dpo.max_steps); run again to continue")
         return {"step": last_step, "total_steps": total_steps}
 
@@ -335,11 +320,11 @@ def train_dpo(
     if eval_idx:
         ev = evaluate(policy, [data[i] for i in eval_idx], pad_id, d.beta, d.eval_batch_size)
         result.update({f"eval_{k}": v for k, v in ev.items()})
-        logger.log(total_steps, {"step": total_steps, **{f"eval_{k}": v for k, v in ev.items()}}, [])
+        run.log(total_steps, {"step": total_steps, **{f"eval_{k}": v for k, v in ev.items()}}, [])
         console.print(
             f"held-out ({len(eval_idx)} pairs): loss {ev['loss']:.4f} | margin {ev['reward_margin']:+.5f} | acc {ev['reward_accuracy']:.2f}"
         )
-    logger.close()
+    run.close()
     if d.export:
         policy.export_hf(out / "final_model")
         result["final_model"] = str(out / "final_model")

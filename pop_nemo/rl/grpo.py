@@ -6,27 +6,26 @@ stand behind them is decided by config in ``pop_nemo.build``.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from pop_nemo import build, launch, signals
-from pop_nemo.checkpoint import Checkpointer, discard, restore, rng_state
-from pop_nemo.config import Config
+from pop_nemo import build
+from pop_nemo.config import AlgoConfig, Config
+from pop_nemo.engines.base import Engine
 from pop_nemo.eval.runner import evaluate_during_training
-from pop_nemo.logging import RunLogger, console, step_progress, summary_line
 from pop_nemo.models import resolve_model_path
-from pop_nemo.policies.base import TokenBatch
+from pop_nemo.policies.base import Policy, TokenBatch
 from pop_nemo.rl.advantages import compute_advantages
 from pop_nemo.rl.losses import LossConfig, kl_shaped_rewards, normalizer, policy_loss
+from pop_nemo.rl.scaffold import RunScaffold
+from pop_nemo.run_output import console, step_progress, summary_line
 from pop_nemo.selfplay.roles import get_task
 from pop_nemo.selfplay.rubric import tie_stats
-from pop_nemo.selfplay.stage import Example, SelfPlay
+from pop_nemo.selfplay.stage import Example
 
 
 @dataclass
@@ -92,156 +91,131 @@ def selfplay_metrics(examples: list[Example], samples: Samples) -> dict[str, Any
     }
 
 
-def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Path:
-    stop = signals.install()  # SIGUSR1 (Slurm, before the time limit): checkpoint at the step's end, exit 75
-    out = Path(cfg.output_dir)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def update(policy: Policy, engine: Engine, samples: Samples, a: AlgoConfig) -> dict[str, Any]:
+    """Advantages and one policy step on the unmasked samples, then the engine's refit.
 
+    Returns the update's metrics; with no trainable sample, the weights stay as they are."""
+    keep = samples.valid.nonzero(as_tuple=True)[0].tolist()
+    if not keep:
+        return {"loss": None, "kl": None, "degenerate_group_rate": None}
+    batch = TokenBatch.from_sequences(
+        [samples.prompts[i] for i in keep], [samples.completions[i] for i in keep], engine.pad_id
+    )
+    engine.sleep()  # colocated engines release memory for the update (no-op on HF)
+    old_lp = policy.logprobs(batch)
+    ref_lp = policy.logprobs(batch, reference=True) if a.kl_mode != "none" else None
+    rewards = samples.rewards.clone()
+    if a.kl_mode == "reward_shaping" and ref_lp is not None:
+        rewards[keep] = kl_shaped_rewards(rewards[keep], old_lp, ref_lp, batch.loss_mask, a.kl_coef)
+    adv = compute_advantages(
+        rewards, samples.group_ids, samples.valid, a.advantage, a.normalize_std, a.eps, a.degenerate_std
+    )
+    batch.extras = {"advantages": adv.values[keep], "old_logprobs": old_lp}
+    if ref_lp is not None:
+        batch.extras["ref_logprobs"] = ref_lp
+    loss_cfg = LossConfig(clip_eps=a.clip_eps, kl_coef=a.kl_coef, kl_mode=a.kl_mode, aggregation=a.aggregation)
+    norm = normalizer(batch.loss_mask, a.aggregation)
+
+    def loss_fn(lp: torch.Tensor, mb: TokenBatch):
+        x = mb.extras
+        return policy_loss(lp, x["old_logprobs"], x["advantages"], mb.loss_mask, loss_cfg, x.get("ref_logprobs"), norm)
+
+    metrics: dict[str, Any] = dict(policy.train_step(batch, loss_fn))
+    metrics["degenerate_group_rate"] = adv.degenerate_rate
+    metrics["num_groups"] = adv.num_groups
+    metrics["train_tokens"] = int(batch.attention_mask.sum())
+    t_refit = time.perf_counter()
+    engine.wake()
+    engine.update_weights(policy.engine_weights())
+    metrics["time_refit"] = time.perf_counter() - t_refit
+    return metrics
+
+
+def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Path:
     # Everything that can be wrong with the inputs fails here, before any model loads.
-    task = get_task(cfg.task)
+    get_task(cfg.task)
     corpus = build.build_corpus(cfg)
     model_path = resolve_model_path(cfg.model.path)
-    if fresh:
-        discard(out, ("checkpoints", "metrics.jsonl", "records.jsonl", "tb"))
-    ckpt = Checkpointer(out / "checkpoints", cfg, keep=cfg.trainer.keep_checkpoints)
-    resume = ckpt.resume_point(require=require_resume)
+    run = RunScaffold(
+        cfg,
+        cfg.output_dir,
+        seed=cfg.seed,
+        outputs=("checkpoints", "metrics.jsonl", "records.jsonl", "tb"),
+        keep=cfg.trainer.keep_checkpoints,
+        save_every=cfg.trainer.save_every,
+        fresh=fresh,
+        require_resume=require_resume,
+    )
+    out = run.out
     console.print(
         f"[bold]pop-nemo train[/] task={cfg.task} model={cfg.model.path} corpus={cfg.corpus.source} ({len(corpus)} docs) → {out}"
     )
-
     backends = build.build_backends(cfg, model_path)
-    launch.check_ranks_resume_together(resume.step if resume is not None else 0)
-    policy, policy_engine = backends.policy, backends.policy_engine
-    pick = {"policy": policy_engine, "reference": backends.reference_engine}
+    console.print(backends.placement())
+    policy, engine, r = backends.policy, backends.policy_engine, cfg.rollout
+    start = run.open(policy)
+    if run.resume is not None:
+        engine.update_weights(policy.engine_weights())
+        corpus.load_state_dict(run.resume.state["corpus"])
+        console.print(f"resumed from {run.resume.path} (step {start})")
+    pick = {"policy": engine, "reference": backends.reference_engine}
     critic = build.build_critic(cfg, backends)
-    selfplay = SelfPlay(
-        task,
-        proposer=pick[cfg.roles.proposer],
-        solver=policy_engine,
-        critic=critic,
-        proposer_sampling=build.sampling(cfg.rollout.proposer),
-        solver_sampling=build.sampling(cfg.rollout.solver),
-        n=cfg.rollout.n,
-        proposer_retries=cfg.rollout.proposer_retries,
-        solver_resample=cfg.rollout.solver_resample,
-        limits=build.guide_limits(cfg),
-        seed=cfg.seed,
-        answer_fallback=cfg.algo.answer_fallback,
-    )
-    a = cfg.algo
-    loss_cfg = LossConfig(clip_eps=a.clip_eps, kl_coef=a.kl_coef, kl_mode=a.kl_mode, aggregation=a.aggregation)
-    logger = RunLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    start = 0
-    if resume is not None:
-        start = restore(resume, policy, logger)
-        policy_engine.update_weights(policy.engine_weights())
-        corpus.load_state_dict(resume.state["corpus"])
-        console.print(f"resumed from {resume.path} (step {start})")
+    selfplay = build.build_selfplay(cfg, pick[cfg.roles.proposer], engine, critic)
 
     progress = step_progress(cfg.logging.progress)
     with progress:
         bar = progress.add_task("self-play", total=cfg.trainer.max_steps, completed=start)
         for step in range(start, cfg.trainer.max_steps):
-            t_step = time.perf_counter()
-            tokens_before = _generated_tokens(backends)
-
+            t_step, tokens_before = time.perf_counter(), _generated_tokens(backends)
             # 1. Self-play with the current policy: propose → solve ×N → rubric → judge.
             progress.update(bar, description=f"step {step + 1}: self-play")
-            docs = corpus.take(cfg.rollout.docs_per_step)
-            examples, stats = selfplay.run(docs, step, first_group_id=step * cfg.rollout.docs_per_step)
-            samples = collect(examples, a.format_reward)
+            docs = corpus.take(r.docs_per_step)
+            examples, stats = selfplay.run(docs, step, first_group_id=step * r.docs_per_step)
+            samples = collect(examples, cfg.algo.format_reward)
             metrics: dict[str, Any] = {"step": step + 1, **selfplay_metrics(examples, samples)}
-            metrics.update(getattr(critic, "step_metrics", dict)())  # per-replica counts of a critic server
+            metrics.update(critic.step_metrics())  # per-replica counts of a critic server; none in-process
 
-            # 2. Advantages and the policy update, on the samples that are not masked.
+            # 2. Advantages, the policy update and the refit, on the samples that are not masked.
             progress.update(bar, description=f"step {step + 1}: update")
             t_train = time.perf_counter()
-            keep = samples.valid.nonzero(as_tuple=True)[0].tolist()
-            if keep:
-                batch = TokenBatch.from_sequences(
-                    [samples.prompts[i] for i in keep], [samples.completions[i] for i in keep], policy_engine.pad_id
-                )
-                policy_engine.sleep()  # colocated engines release memory for the update (no-op on HF)
-                old_lp = policy.logprobs(batch)
-                ref_lp = policy.logprobs(batch, reference=True) if a.kl_mode != "none" else None
-                rewards = samples.rewards.clone()
-                if a.kl_mode == "reward_shaping" and ref_lp is not None:
-                    rewards[keep] = kl_shaped_rewards(rewards[keep], old_lp, ref_lp, batch.loss_mask, a.kl_coef)
-                adv = compute_advantages(
-                    rewards, samples.group_ids, samples.valid, a.advantage, a.normalize_std, a.eps, a.degenerate_std
-                )
-                batch.extras = {"advantages": adv.values[keep], "old_logprobs": old_lp}
-                if ref_lp is not None:
-                    batch.extras["ref_logprobs"] = ref_lp
-                norm = normalizer(batch.loss_mask, a.aggregation)
-
-                def loss_fn(lp: torch.Tensor, mb: TokenBatch, norm: float = norm):
-                    return policy_loss(
-                        lp,
-                        mb.extras["old_logprobs"],
-                        mb.extras["advantages"],
-                        mb.loss_mask,
-                        loss_cfg,
-                        mb.extras.get("ref_logprobs"),
-                        norm,
-                    )
-
-                metrics.update(policy.train_step(batch, loss_fn))
-                metrics["degenerate_group_rate"] = adv.degenerate_rate
-                metrics["num_groups"] = adv.num_groups
-                metrics["train_tokens"] = int(batch.attention_mask.sum())
-                t_refit = time.perf_counter()
-                policy_engine.wake()
-                policy_engine.update_weights(policy.engine_weights())
-                metrics["time_refit"] = time.perf_counter() - t_refit
-            else:
+            metrics.update(update(policy, engine, samples, cfg.algo))
+            if metrics["loss"] is None:
                 console.print(f"[yellow]step {step + 1}: no trainable sample (all masked); weights unchanged")
-                metrics.update({"loss": None, "kl": None, "degenerate_group_rate": None})
-            t_end = time.perf_counter()
-
-            gen_tokens = _generated_tokens(backends) - tokens_before
-            rollout_s = sum(stats.seconds.values())
-            metrics.update({f"time_{k}": v for k, v in stats.seconds.items()})
-            metrics.update(
-                {
-                    "time_train": t_end - t_train,
-                    "time_step": t_end - t_step,
-                    "generated_tokens": gen_tokens,
-                    "tokens_per_s": gen_tokens / rollout_s if rollout_s > 0 else None,
-                    "train_tokens_per_s": metrics.get("train_tokens", 0) / (t_end - t_train) if keep else None,
-                }
-            )
-
+            metrics.update(timing(stats.seconds, t_step, t_train, _generated_tokens(backends) - tokens_before, metrics))
             # 3. Held-out evaluation every eval.every_steps (pop_nemo.eval), in this step's metrics row.
             if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0:
                 progress.update(bar, description=f"step {step + 1}: eval")
-                metrics.update(evaluate_during_training(cfg, backends, step + 1, out))
-
+                b = backends
+                metrics.update(evaluate_during_training(cfg, engine, b.reference_engine, b.tokenizer, step + 1, out))
             # 4. Outputs, then an atomic checkpoint that records how far they go.
-            records = [e.to_record(step=step + 1, model=cfg.model.path) for e in examples]
-            logger.log(step + 1, metrics, records)
+            run.log(step + 1, metrics, [e.to_record(step=step + 1, model=cfg.model.path) for e in examples])
             console.print(summary_line(metrics))
             last = step + 1 == cfg.trainer.max_steps
-            if stop.poll() or (step + 1) % cfg.trainer.save_every == 0 or last:
-                ckpt.save(
-                    step + 1,
-                    policy,
-                    {"corpus": corpus.state_dict(), "rng": rng_state(), "offsets": logger.offsets()},
-                )
+            run.save_if_due(step + 1, last, policy, {"corpus": corpus.state_dict()})
             progress.update(bar, advance=1)
-            if stop.stopped and not last:
-                logger.close()
-                stop.exit_if_stopped(step + 1)
-    logger.close()
+            run.exit_if_stopped(step + 1, last)
+    run.close()
     console.print(f"done: {cfg.trainer.max_steps} steps; outputs in {out}")
     return out
 
 
+def timing(
+    seconds: dict[str, float], t_step: float, t_train: float, gen_tokens: int, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """The step's timing and throughput keys (``time_*``, ``tokens_per_s``, ``train_tokens_per_s``)."""
+    t_end = time.perf_counter()
+    rollout_s = sum(seconds.values())
+    trained = metrics["loss"] is not None
+    return {
+        **{f"time_{k}": v for k, v in seconds.items()},
+        "time_train": t_end - t_train,
+        "time_step": t_end - t_step,
+        "generated_tokens": gen_tokens,
+        "tokens_per_s": gen_tokens / rollout_s if rollout_s > 0 else None,
+        "train_tokens_per_s": metrics.get("train_tokens", 0) / (t_end - t_train) if trained else None,
+    }
+
+
 def _generated_tokens(backends: build.Backends) -> int:
     engines = {id(e): e for e in (backends.policy_engine, backends.reference_engine)}
-    return sum(getattr(e, "stats", {}).get("generated_tokens", 0) for e in engines.values())
+    return sum(e.stats.get("generated_tokens", 0) for e in engines.values())

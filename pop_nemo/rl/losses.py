@@ -61,8 +61,10 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-ratio surrogate ``-min(ρA, clip(ρ, 1±ε)A)`` plus ``kl_coef · k3`` in ``k3_loss`` mode.
 
-    Returns the loss (scaled by ``1/norm``) and detached metrics summed over this micro-batch's
-    tokens (divide by ``norm`` too, to report them).
+    Returns the loss (scaled by ``1/norm``) and detached metrics scaled the same way (``pg_loss``,
+    ``kl``, and ``clip_frac``: the share of trained tokens whose ratio left ``1 ± clip_eps``, a
+    token share under ``token_mean``, a mean of per-sequence shares under ``seq_mean``). With the
+    global ``norm``, summing a step's micro-batches (and ranks) gives the whole batch's values.
     """
     if norm is None:
         norm = normalizer(mask, cfg.aggregation)
@@ -83,7 +85,9 @@ def policy_loss(
         metrics = {
             "pg_loss": float(aggregate(pg, mask, cfg.aggregation, norm)),
             "kl": float(aggregate(kl, mask, cfg.aggregation, norm)),
-            "clip_frac": float((((ratio - 1).abs() > cfg.clip_eps).to(pg.dtype) * m).sum() / max(m.sum().item(), 1.0)),
+            # Divided by the step batch's normalizer like the loss, so the sum over micro-batches
+            # and data-parallel ranks (what the policies report) is the whole batch's fraction.
+            "clip_frac": float(aggregate(((ratio - 1).abs() > cfg.clip_eps).to(pg.dtype), m, cfg.aggregation, norm)),
         }
     return loss, metrics
 

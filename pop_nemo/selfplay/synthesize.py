@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from pop_nemo import build
-from pop_nemo.checkpoint import ResumeError, atomic_write_text
+from pop_nemo.checkpoint import ResumeError, atomic_write_text, resume_guard
 from pop_nemo.config import Config, ConfigError
 from pop_nemo.corpus import Document
 from pop_nemo.critic.base import Critic, JudgeItem, Judgement, RubricItem, RubricResult
 from pop_nemo.engines.base import Engine, Guide, Message, Request, Sampling
-from pop_nemo.logging import append_jsonl, console
+from pop_nemo.run_output import append_jsonl, console
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.rubric import Criterion
-from pop_nemo.selfplay.stage import Example, SelfPlay, request_seed
+from pop_nemo.selfplay.stage import Example, request_seed
 
 ROLES = ("proposer", "solver", "rubric", "judge")
 PROGRESS = "progress.json"
@@ -68,11 +68,8 @@ def build_teacher_engine(cfg: Config) -> Engine:
 
 
 def build_self_engine(cfg: Config) -> Engine:
-    """The configured model (all roles the teacher does not play), on one GPU when there is one."""
-    import torch
-
-    from pop_nemo.engines.hf import HFEngine
-    from pop_nemo.models import fix_special_tokens, load_causal_lm, load_tokenizer, resolve_model_path
+    """The configured model (all roles the teacher does not play), on this rank's GPU when there is one."""
+    from pop_nemo.models import load_tokenizer, resolve_model_path
 
     if cfg.rollout.backend != "hf":
         raise ConfigError(
@@ -80,12 +77,10 @@ def build_self_engine(cfg: Config) -> Engine:
             "from an OpenAI-compatible server (vLLM, trtllm-serve), set offline.teacher.url and offline.teacher.roles"
         )
     path = resolve_model_path(cfg.model.path)
-    tok = load_tokenizer(path)
-    model = load_causal_lm(path, cfg.model.dtype).eval().requires_grad_(False)
-    fix_special_tokens(tok, model)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return HFEngine(model, tok, max_batch=cfg.rollout.max_batch, seed=cfg.seed)
+    device = build.this_rank_engine_device()
+    return build.hf_engine(
+        path, load_tokenizer(path), dtype=cfg.model.dtype, max_batch=cfg.rollout.max_batch, seed=cfg.seed, device=device
+    )
 
 
 def role_engines(cfg: Config) -> dict[str, Engine]:
@@ -122,6 +117,9 @@ class BlindRubricWriter:
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Judgement]:
         return self.inner.judge(items)
+
+    def step_metrics(self) -> dict[str, Any]:
+        return self.inner.step_metrics()
 
 
 # ---------------------------------------------------------------- pairwise scoring modes (paper ablations)
@@ -294,26 +292,6 @@ class ComparativeJudge:
 # ---------------------------------------------------------------- the commit log
 
 
-def guarded_settings(cfg: Config) -> dict[str, Any]:
-    """What shapes a record: a resume with any of these changed is refused."""
-    d = cfg.to_dict()
-    # Not guarded: how many documents and in what chunks, the pair filter, and where the teacher lives.
-    skip = ("num_documents", "chunk_size", "best_of_n", "std_threshold", "max_length_diff_words")
-    skip += ("length_words", "shuffle_seed", "max_pairs")
-    off = {k: v for k, v in d["offline"].items() if k not in skip}
-    off["teacher"] = {k: off["teacher"][k] for k in ("model", "roles", "guide_format")}
-    rollout = {k: d["rollout"][k] for k in ("proposer", "solver", "rubric", "judge", "guide")}
-    return {
-        "task": d["task"],
-        "seed": d["seed"],
-        "model": d["model"],
-        "corpus": d["corpus"],
-        "rollout": rollout,
-        "answer_fallback": d["algo"]["answer_fallback"],
-        "offline": off,
-    }
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -438,19 +416,14 @@ class Synthesizer:
         )
         if not (off.rubric_knowledge and off.proposer_knowledge):
             critic = BlindRubricWriter(critic)
-        self.selfplay = SelfPlay(
-            task,
-            proposer=engines["proposer"],
-            solver=engines["solver"],
-            critic=critic,
-            proposer_sampling=build.sampling(cfg.rollout.proposer),
-            solver_sampling=build.sampling(cfg.rollout.solver),
+        self.selfplay = build.build_selfplay(
+            cfg,
+            engines["proposer"],
+            engines["solver"],
+            critic,
             n=off.n,
             proposer_retries=off.proposer_retries,
             solver_resample=off.solver_resample,
-            limits=limits,
-            seed=cfg.seed,
-            answer_fallback=cfg.algo.answer_fallback,
         )
         self.comparative = (
             ComparativeJudge(off.scoring, engines["judge"], build.sampling(cfg.rollout.judge), limits, cfg.seed)
@@ -488,7 +461,7 @@ class Synthesizer:
 
 def _generated_tokens(engines: dict[str, Engine]) -> int:
     unique = {id(e): e for e in engines.values()}
-    return sum(getattr(e, "stats", {}).get("generated_tokens", 0) for e in unique.values())
+    return sum(e.stats.get("generated_tokens", 0) for e in unique.values())
 
 
 def _count_text(c: dict[str, int]) -> str:
@@ -541,7 +514,7 @@ def synthesize(cfg: Config, output_dir: str | Path, fresh: bool = False) -> dict
     log = CommitLog(out)
     if fresh:
         log.reset()
-    state = log.open(guarded_settings(cfg), docs)
+    state = log.open(resume_guard(cfg, "synthesize"), docs)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     console.print(
         f"[bold]pop-nemo synthesize[/] task={cfg.task} corpus={cfg.corpus.source} documents={len(docs)} "
@@ -580,7 +553,7 @@ def synthesize(cfg: Config, output_dir: str | Path, fresh: bool = False) -> dict
                     stage = " ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
                     console.print(f"chunk {start}–{start + len(chunk) - 1}: {_count_text(state.counts)} | {stage}")
         for e in {id(e): e for e in engines.values()}.values():
-            getattr(e, "close", lambda: None)()
+            e.close()
     summary = summarize(state, len(docs))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     console.print(summary_table(summary))

@@ -242,7 +242,6 @@ def install(bridge: bool = True) -> None:
         setattr(torch.cuda, name, fn)
     torch.cuda.random.get_rng_state = CUDA_REPLACEMENTS["get_rng_state"]
     torch.cuda.random.set_rng_state = CUDA_REPLACEMENTS["set_rng_state"]
-    torch.cuda._pop_nemo_cpu_shim = True  # MegatronPolicy refuses to start on CPU without this
     _MODE = CudaToCpu()
     _MODE.__enter__()  # process-wide, for the life of this (test) process
     if os.environ.get("POP_SHIM_AUDIT") == "1":

@@ -239,7 +239,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="tp2,pp2,dp2")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from pop_nemo.launch import init_distributed
+    from pop_nemo.distributed import init_distributed
 
     init_distributed(timeout_s=600)
     rank0 = dist.get_rank() == 0
@@ -264,6 +264,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+    from pop_nemo.policies.megatron import stop_checkpoint_writer
+
+    stop_checkpoint_writer()  # os._exit skips the atexit hook that would stop it: it was left orphaned
     os._exit(0)  # skip slow interpreter teardown of megatron/triton state
 
 

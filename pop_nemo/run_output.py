@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pop_nemo.jsonl import read_rows
+
 # soft_wrap: a message is one line in a log file (Slurm's, CI's), not cut at 80 columns.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -51,8 +53,7 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_rows(path)
 
 
 class RunLogger:
