@@ -107,6 +107,20 @@ def tiny_llama(tmp_path_factory, tokenizer) -> str:
     return str(path)
 
 
+class RecordingEngine:
+    """An Engine proxy that keeps every request it passes on."""
+
+    def __init__(self, inner):
+        self.inner, self.requests = inner, []
+
+    def generate(self, requests):
+        self.requests.extend(requests)
+        return self.inner.generate(requests)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def preference_pair(problem: str, good: str, bad: str) -> dict:
     """One row of ``pop-nemo pairs``' output."""
     return {

@@ -12,7 +12,7 @@ from pop_nemo.critic.local import LocalCritic
 from pop_nemo.engines.base import Sampling
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.rubric import Criterion, tie_stats
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, RecordingEngine, run_cli
 
 RUBRIC = [
     Criterion("Names vitamin D", "Vitamin D", "says vitamin D", 2.0),
@@ -61,20 +61,6 @@ def test_online_loop_with_per_criterion_judge(tmp_path):
                 assert [x["name"] for x in a["ratings"]] == [c["name"] for c in r["rubric"]]
 
 
-class _Recording:
-    """An Engine proxy that keeps every request it passes on."""
-
-    def __init__(self, inner):
-        self.inner, self.requests = inner, []
-
-    def generate(self, requests):
-        self.requests.extend(requests)
-        return self.inner.generate(requests)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.mark.slow
 def test_offline_synthesis_with_per_criterion_judge(engine):
     from pop_nemo import build
@@ -86,7 +72,7 @@ def test_offline_synthesis_with_per_criterion_judge(engine):
         ["offline.n=2", "rollout.judge.mode=per_criterion", "rollout.judge.temperature=0.0",
          "rollout.guide.max_criteria=2", "rollout.rubric.max_new_tokens=300", "algo.answer_fallback=true"],
     )  # fmt: skip
-    own = _Recording(engine)
+    own = RecordingEngine(engine)
     synth = Synthesizer(cfg, dict.fromkeys(("proposer", "solver", "rubric", "judge"), own))
     (e,), _ = synth.run(build.build_corpus(cfg).take(1), first_group_id=0)
     assert e.rubric_valid, e.rubric_error

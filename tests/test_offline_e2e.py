@@ -34,7 +34,7 @@ from pop_nemo.selfplay.synthesize import (
     parse_better,
     round_robin_scores,
 )
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, RecordingEngine, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -203,20 +203,6 @@ def test_synthesize_kill9_resume_pairs_dpo(tmp_path, hf_model, tokenizer):
 # ---------------------------------------------------------------- ablations, in-process on the real model
 
 
-class _Recording:
-    """An Engine proxy that keeps every request it passes on."""
-
-    def __init__(self, inner):
-        self.inner, self.requests = inner, []
-
-    def generate(self, requests):
-        self.requests.extend(requests)
-        return self.inner.generate(requests)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def _ablation_cfg(*extra: str):
     return load_config(
         CONFIG, ["offline.n=2", "rollout.judge.temperature=0.0", "rollout.judge.max_new_tokens=80", *extra]
@@ -236,7 +222,7 @@ def openai_server(engine):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    served = _Recording(engine)
+    served = RecordingEngine(engine)
     service = OpenAIService(load=lambda: served, cfg=ServeOpenAIConfig(model_name="teacher-model", port=port))
     server = uvicorn.Server(
         uvicorn.Config(create_app(service, token="sk-test"), host="127.0.0.1", port=port, log_level="warning")
@@ -267,7 +253,7 @@ def test_median_anchor_with_a_teacher_judge_and_no_knowledge(engine, openai_serv
     from pop_nemo import build
     from pop_nemo.selfplay.synthesize import build_teacher_engine
 
-    own = _Recording(engine)
+    own = RecordingEngine(engine)
     teacher = build_teacher_engine(cfg)
     synth = Synthesizer(cfg, {"proposer": own, "solver": own, "rubric": own, "judge": teacher})
     doc = build.build_corpus(cfg).take(1)
@@ -303,7 +289,7 @@ def test_pairwise_round_robin_and_blind_rubric_writer(engine):
     cfg = _ablation_cfg("offline.scoring=pairwise", "offline.rubric_knowledge=false")
     from pop_nemo import build
 
-    own = _Recording(engine)
+    own = RecordingEngine(engine)
     synth = Synthesizer(cfg, dict.fromkeys(("proposer", "solver", "rubric", "judge"), own))
     doc = build.build_corpus(cfg).take(1)
     (e,), _ = synth.run(doc, first_group_id=0)
