@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     """A suite leaves no process behind: fail when a test's child process is still running at the
-    end (after a grace period for ones that are exiting), name it, and stop it."""
+    end (after a grace period for ones that are exiting), name it, and stop it. Under xdist each
+    worker checks its own children and hands what it found to the controller, which fails the run."""
     import signal
     import time
 
@@ -35,21 +36,34 @@ def pytest_sessionfinish(session, exitstatus):
     deadline = time.monotonic() + 15
     while (left := leftover(os.getpid())) and time.monotonic() < deadline:
         time.sleep(0.5)
-    if not left:
-        return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"  pid {pid}: {cmd[:200]}" for pid, cmd in left]
-    message = "\n".join(["tests left child processes running (now killed):", *lines])
-    if reporter is not None:
-        reporter.write_line(message, red=True)
-    else:
-        print(message, file=sys.stderr)
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    lines = [f"  pid {pid}: {cmd[:200]}" for pid, cmd in left]
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: its report and exit status do not reach the user
+        workeroutput["leftover_processes"] = lines
+        return
+    lines += getattr(session.config, "_leftover_from_workers", [])
+    if not lines:
+        return
+    message = "\n".join(["tests left child processes running (now killed):", *lines])
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: collect what each worker's end-of-session check found."""
+    found = getattr(node, "workeroutput", {}).get("leftover_processes", [])
+    node.config._leftover_from_workers = [*getattr(node.config, "_leftover_from_workers", []), *found]
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,23 @@ def test_waits_for_its_child():
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
-def test_a_left_child_process_fails_the_session_and_is_stopped(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_a_left_child_process_fails_the_session_and_is_stopped(tmp_path, workers):
     (tmp_path / "test_leaky.py").write_text(LEAKY)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "tests.conftest",
+            *workers,
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
