@@ -69,18 +69,9 @@ def sampling(s: RoleSampling) -> Sampling:
 
 
 def guide_limits(cfg: Config) -> roles.GuideLimits | None:
+    """The guided-decoding limits of ``rollout.guide``, or None when guided decoding is off."""
     g = cfg.rollout.guide
-    if not g.enabled:
-        return None
-    return roles.GuideLimits(
-        problem_chars=g.problem_chars,
-        reference_chars=g.reference_chars,
-        name_chars=g.name_chars,
-        gold_chars=g.gold_chars,
-        description_chars=g.description_chars,
-        thoughts_chars=g.thoughts_chars,
-        max_criteria=g.max_criteria,
-    )
+    return roles.GuideLimits.from_section(g) if g.enabled else None
 
 
 def engine_device(

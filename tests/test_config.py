@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -233,3 +234,80 @@ def test_resume_guard_holds_what_resume_must_not_change():
     assert resume_guard(load_config(None, ["trainer.max_steps=50", "output_dir=elsewhere"])) == base
     for change in ("algo.kl_coef=0.5", "rollout.n=8", "seed=1", "task=creative_writing", "corpus.min_words=10"):
         assert resume_guard(load_config(None, [change])) != base, change
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_steps=0"], r"^trainer.max_steps must be >= 1, got 0$"),
+        (["policy.lr=-1"], r"^policy.lr must be >= 0 \(0 = no update: a control run\), got -1$"),
+        (["eval.confidence=1.0"], r"^eval.confidence must be in \[0.5, 1\) \(e.g. 0.95\), got 1.0$"),
+        (["rollout.trtllm.kv_cache_fraction=1"], r"^rollout.trtllm.kv_cache_fraction must be in \(0, 1\), got 1$"),
+        (["corpus.domains=[health, 3]"], r"^corpus.domains\[1\] must be a string, got 3$"),
+        (["critic.url=3"], r"^critic.url must be a string, got 3$"),
+        (["sead=1"], r"^unknown config field 'sead'; did you mean 'seed'\?$"),
+        (["offline.teacher.urll=x"], r"^unknown config field 'offline.teacher.urll'; did you mean 'url'\?$"),
+        (["dpo.batch_size=3", "dpo.micro_batch_size=2"], r"^dpo.batch_size=3 must be a multiple of dpo"),
+    ],
+)
+def test_bounds_and_nested_errors_are_one_line_with_the_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_written_config_loads_back_to_the_same_config(tmp_path):
+    cfg = load_config(ROOT / "tests" / "conf" / "tiny.yaml", ["critic.url=[http://a:1, http://b:2]"])
+    again = load_config(write(tmp_path / "dumped.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+
+
+def test_build_section_checks_a_plain_dataclass_the_same_way():
+    from dataclasses import dataclass
+
+    from pop_nemo.config import build_section
+
+    @dataclass
+    class Serve:
+        port: int = 1
+        max_wait_ms: float = 10.0
+        engine: Literal["hf", "trtllm"] = "hf"
+
+    got = build_section(Serve, {"port": 9, "max_wait_ms": "1e-3"}, "serve")
+    assert got == Serve(9, 0.001, "hf") and type(got) is Serve
+    with pytest.raises(ConfigError, match=r"^unknown config field 'serve.prot'; did you mean 'port'\?$"):
+        build_section(Serve, {"prot": 1}, "serve")
+    with pytest.raises(ConfigError, match=r"^serve.engine='openai' is not allowed; use one of 'hf', 'trtllm'$"):
+        build_section(Serve, {"engine": "openai"}, "serve")
+    with pytest.raises(ConfigError, match=r"^serve must be a mapping, got 3$"):
+        build_section(Serve, 3, "serve")
+
+
+def test_guide_section_makes_the_guide_limits_field_for_field():
+    from pop_nemo.config import GuideConfig
+    from pop_nemo.selfplay.roles import GuideLimits
+
+    assert GuideLimits.from_section(GuideConfig()) == GuideLimits()  # the two defaults agree
+    names = [k for k in GuideConfig.model_fields if k not in ("enabled", "max_criteria")]
+    section = GuideConfig(max_criteria=3, **{k: 11 + i for i, k in enumerate(names)})
+    lim = GuideLimits.from_section(section)
+    assert lim.max_criteria == 3 and [getattr(lim, k) for k in names] == [11 + i for i in range(len(names))]
+    assert lim.max_weight == GuideLimits().max_weight  # not a config field: the domain default
+
+
+def test_offline_section_makes_the_pair_filter_field_for_field():
+    from pop_nemo.config import OfflineConfig
+    from pop_nemo.rl.pairs import PairFilter
+
+    assert PairFilter.from_config(OfflineConfig()) == PairFilter()  # the two defaults agree
+    off = load_config(
+        None,
+        [
+            "offline.best_of_n=5",
+            "offline.std_threshold=0.5",
+            "offline.max_length_diff_words=7",
+            "offline.length_words=whitespace",
+            "offline.shuffle_seed=3",
+            "offline.max_pairs=9",
+        ],
+    ).offline
+    assert PairFilter.from_config(off) == PairFilter(5, 0.5, 7, "whitespace", 3, 9)

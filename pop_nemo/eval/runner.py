@@ -13,7 +13,6 @@ Used by ``pop-nemo eval`` and, every ``eval.every_steps``, by the online loop
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -40,9 +39,9 @@ class EvalError(ValueError):
 def eval_config(cfg: Config) -> Config:
     """``cfg`` with the eval-specific token limits of the rubric writer and the judge applied."""
     r, e = cfg.rollout, cfg.eval
-    rubric = dataclasses.replace(r.rubric, max_new_tokens=e.rubric_max_new_tokens or r.rubric.max_new_tokens)
-    judge = dataclasses.replace(r.judge, max_new_tokens=e.judge_max_new_tokens or r.judge.max_new_tokens)
-    return dataclasses.replace(cfg, rollout=dataclasses.replace(r, rubric=rubric, judge=judge))
+    rubric = r.rubric.model_copy(update={"max_new_tokens": e.rubric_max_new_tokens or r.rubric.max_new_tokens})
+    judge = r.judge.model_copy(update={"max_new_tokens": e.judge_max_new_tokens or r.judge.max_new_tokens})
+    return cfg.model_copy(update={"rollout": r.model_copy(update={"rubric": rubric, "judge": judge})})
 
 
 def build_reference_critic(cfg: Config, reference: Engine, tokenizer: Any) -> Critic:

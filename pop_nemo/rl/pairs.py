@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,14 +50,9 @@ class PairFilter:
 
     @classmethod
     def from_config(cls, off: Any) -> PairFilter:
-        return cls(
-            off.best_of_n,
-            off.std_threshold,
-            off.max_length_diff_words,
-            off.length_words,
-            off.shuffle_seed,
-            off.max_pairs,
-        )
+        """The filter the ``offline`` config section sets: every field here is one of its fields
+        under the same name, so each setting is declared once (in the config) and read here."""
+        return cls(**{f.name: getattr(off, f.name) for f in fields(cls)})
 
     def words(self, text: str) -> int:
         return len(text.split(" ") if self.length_words == "space" else text.split())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pop_nemo.engines.base import Guide, Message
@@ -220,6 +220,12 @@ class GuideLimits:
     thoughts_chars: int = 160
     max_weight: int = 10
     max_criteria: int = MAX_CRITERIA
+
+    @classmethod
+    def from_section(cls, section: Any) -> GuideLimits:
+        """The limits a config section (``rollout.guide``) sets, field by field under the same names,
+        so each bound is declared once (in the config); one the section lacks keeps its default here."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
 
     def rubric_chars(self) -> int:
         """Upper bound on a guided rubric's length in characters (so in tokens)."""
