@@ -455,14 +455,9 @@ class Config(Section):
 # ---------------------------------------------------------------- pydantic errors → one ConfigError line
 
 
-def _fields(owner: Any) -> dict[str, tuple[Any, Any]]:
-    """name → (annotation, FieldInfo or None) of a section model or a plain dataclass."""
-    if isinstance(owner, type) and issubclass(owner, BaseModel):
-        return {k: (f.annotation, f) for k, f in owner.model_fields.items()}
-    if dataclasses.is_dataclass(owner):
-        hints = typing.get_type_hints(owner)
-        return {f.name: (hints[f.name], None) for f in dataclasses.fields(owner)}
-    return {}
+def _fields(owner: Any) -> dict[str, Any]:
+    """name → FieldInfo of a section model (nothing for a leaf)."""
+    return owner.model_fields if isinstance(owner, type) and issubclass(owner, BaseModel) else {}
 
 
 def _section_type(annotation: Any) -> Any:
@@ -484,21 +479,23 @@ def _walk(cls: type, loc: tuple) -> tuple[list[str], Any, Any]:
             parts[-1] += f"[{item}]"
         elif item in _fields(owner):
             parts.append(item)
-            info = _fields(owner)[item][1]
-            owner = _section_type(_fields(owner)[item][0])
+            info = _fields(owner)[item]
+            owner = _section_type(info.annotation)
     return parts, owner, info
 
 
+_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
 def _bounds(info: Any) -> str:
-    """A field's numeric constraints in words: ``>= 1``, ``in (0, 1]``."""
+    """A field's numeric constraints in words: ``>= 1``, ``< 1``, ``in (0, 1]``."""
     b = {k: getattr(m, k) for m in getattr(info, "metadata", []) for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
-    lo = ("(", b["gt"]) if "gt" in b else ("[", b["ge"]) if "ge" in b else None
-    hi = (b["lt"], ")") if "lt" in b else (b["le"], "]") if "le" in b else None
+    lo = next(((k, b[k]) for k in ("gt", "ge") if k in b), None)
+    hi = next(((k, b[k]) for k in ("lt", "le") if k in b), None)
     if lo and hi:
-        return f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
-    if lo:
-        return f"{'>' if lo[0] == '(' else '>='} {lo[1]}"
-    return f"{'<' if hi and hi[1] == ')' else '<='} {hi[0] if hi else '?'}"
+        return f"in {'(' if lo[0] == 'gt' else '['}{lo[1]}, {hi[1]}{')' if hi[0] == 'lt' else ']'}"
+    k, v = lo or hi
+    return f"{_OPS[k]} {v}"
 
 
 _TYPE_WORDS = {
@@ -509,7 +506,6 @@ _TYPE_WORDS = {
     "list": "a list",
     "model": "a mapping",
     "dict": "a mapping",
-    "dataclass": "a mapping",
 }
 
 
