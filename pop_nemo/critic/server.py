@@ -346,9 +346,7 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
     import torch
 
     from pop_nemo import build
-    from pop_nemo.critic.local import LocalCritic
     from pop_nemo.models import load_tokenizer, resolve_model_path
-    from pop_nemo.selfplay.roles import get_task
 
     if scfg.num_threads:
         torch.set_num_threads(scfg.num_threads)
@@ -361,16 +359,7 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
         engine = build.hf_engine(
             path, tok, dtype=cfg.model.dtype, max_batch=scfg.max_batch, seed=cfg.seed, device=device
         )
-    return LocalCritic(
-        rubric_engine=engine,
-        judge_engine=engine,
-        rubric_sampling=build.sampling(cfg.rollout.rubric),
-        judge_sampling=build.sampling(cfg.rollout.judge),
-        writing=get_task(cfg.task).writing,
-        limits=build.guide_limits(cfg),
-        judge_mode=cfg.rollout.judge.mode,
-        paper_parsing=cfg.rollout.judge.parsing == "paper",
-    )
+    return build.local_critic(cfg, engine, engine)
 
 
 def _uvicorn_config(app, host: str, port: int):
