@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pop_nemo.config import Config, ConfigError, RoleSampling
 from pop_nemo.corpus import Corpus
@@ -11,6 +12,9 @@ from pop_nemo.engines.base import Engine, Sampling
 from pop_nemo.policies.base import Policy
 from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.stage import SelfPlay
+
+if TYPE_CHECKING:
+    from pop_nemo.critic.local import LocalCritic
 
 DOMAINS_BY_TASK = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
 
@@ -423,12 +427,19 @@ def build_critic(cfg: Config, backends: Backends) -> Critic:
         return CriticClient(
             cfg.critic.url, timeout_s=cfg.critic.timeout_s, startup_timeout_s=cfg.critic.startup_timeout_s
         )
+    pick = {"policy": backends.policy_engine, "reference": backends.reference_engine}
+    return local_critic(cfg, pick[cfg.roles.rubric], pick[cfg.roles.judge])
+
+
+def local_critic(cfg: Config, rubric_engine: Engine, judge_engine: Engine) -> LocalCritic:
+    """The one way a LocalCritic is made from a config (the trainer, ``serve-critic`` and
+    ``synthesize`` all build theirs here): sampling from ``rollout.rubric``/``rollout.judge``,
+    the task's writing and the guide limits."""
     from pop_nemo.critic.local import LocalCritic
 
-    pick = {"policy": backends.policy_engine, "reference": backends.reference_engine}
     return LocalCritic(
-        rubric_engine=pick[cfg.roles.rubric],
-        judge_engine=pick[cfg.roles.judge],
+        rubric_engine=rubric_engine,
+        judge_engine=judge_engine,
         rubric_sampling=sampling(cfg.rollout.rubric),
         judge_sampling=sampling(cfg.rollout.judge),
         writing=roles.get_task(cfg.task).writing,

@@ -235,7 +235,7 @@ def test_metrics_are_prometheus_text(server, http, scored):
     for line in text.strip().splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
     assert metric(text, "pop_critic_items_total", kind="judge", outcome="valid") >= 2
-    assert metric(text, "pop_critic_requests_total", endpoint="/v1/score", code="200") >= 1
+    assert metric(text, "pop_critic_requests_total", code="200", endpoint="/v1/score") >= 1
     assert metric(text, "pop_critic_ready") == 1
     # Histograms: cumulative buckets ending in +Inf == _count.
     buckets = [

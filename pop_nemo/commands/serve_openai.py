@@ -7,19 +7,26 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     from pop_nemo.build import hf_engine_loader
-    from pop_nemo.engines.openai_server import ServeOpenAIConfig, serve
+    from pop_nemo.config import ConfigError, apply_overrides, build_section
+    from pop_nemo.engines.openai_server import ServeOpenAIConfig, check_openai_config, serve
 
-    cfg = ServeOpenAIConfig(
-        model_name=args.served_model_name or args.model,
-        host=args.host,
-        port=args.port,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        default_max_tokens=args.default_max_tokens,
-        max_context=args.max_context,
-    )
-    load = hf_engine_loader(args.model, args.dtype, args.device, args.max_batch, args.num_threads, args.seed)
+    flags = {
+        "model_name": args.served_model_name or args.model,
+        "host": args.host,
+        "port": args.port,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "max_queue": args.max_queue,
+        "default_max_tokens": args.default_max_tokens,
+        "max_context": args.max_context,
+    }
+    # The same serve.* names and checks as serve-critic's serve: section (pop_nemo.serving.ServeLimits).
+    bad = [o for o in args.overrides if not o.startswith("serve.")]
+    if bad:
+        raise ConfigError(f"{bad[0]!r}: serve-openai takes only serve.* overrides (e.g. serve.max_queue=512)")
+    data = apply_overrides({"serve": flags}, list(args.overrides))
+    cfg = check_openai_config(build_section(ServeOpenAIConfig, data["serve"], "serve"))
+    load = hf_engine_loader(args.model, args.dtype, args.device, cfg.max_batch, args.num_threads, args.seed)
     return serve(load, cfg)
 
 
@@ -46,4 +53,9 @@ def register(sub) -> None:
     s.add_argument("--default-max-tokens", type=int, default=256, help="when a request gives no max_tokens")
     s.add_argument("--max-context", type=int, help="prompt + max_tokens limit (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="engine RNG for requests without a seed")
+    s.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted serve.* overrides, as serve-critic takes them: serve.item_timeout_s=60 serve.max_body_mb=4",
+    )
     s.set_defaults(func=run)

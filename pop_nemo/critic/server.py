@@ -1,12 +1,13 @@
 """``pop-nemo serve-critic``: the rubric writer and judge behind HTTP, with dynamic batching.
 
-One engine thread owns the model. Requests put their items on a bounded queue; a batcher on
-the event loop merges items from many requests into one engine call (up to ``max_batch``
-items, or whatever has arrived ``max_wait_ms`` after the oldest waiting item), runs it on the
-engine thread and hands each item its result. A full queue answers 503 with ``Retry-After``;
-every item has a deadline and comes back ``timed_out`` instead of waiting forever. The work
-itself is :class:`~pop_nemo.critic.local.LocalCritic`: the same prompts, guides, parsers and
-scoring as the in-process critic.
+One engine thread owns the model. Requests put their items on a bounded queue; the shared
+batcher (:class:`pop_nemo.serving.Batcher`) merges items of one kind from many requests into
+one engine call (up to ``max_batch`` items, or whatever has arrived ``max_wait_ms`` after the
+oldest waiting item) and hands each item its result. A full queue answers 503 with
+``Retry-After``; every item has a deadline and comes back ``timed_out`` instead of waiting
+forever. Auth, the bind rule, body limits and the lifespan are :mod:`pop_nemo.serving`'s, as in
+the OpenAI-compatible server. The work itself is :class:`~pop_nemo.critic.local.LocalCritic`:
+the same prompts, guides, parsers and scoring as the in-process critic.
 
 Endpoints: ``POST /v1/score``, ``POST /v1/rubric``, ``GET /healthz``, ``GET /metrics``
 (Prometheus text), ``GET /openapi.json``.
@@ -16,24 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
-import json
 import logging
-import os
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 
+from pop_nemo import serving
 from pop_nemo.critic.base import Critic, JudgeItem, Judgement, RubricItem, RubricResult
 from pop_nemo.critic.metrics import CONTENT_TYPE, CriticMetrics
 from pop_nemo.critic.schema import (
@@ -46,6 +42,7 @@ from pop_nemo.critic.schema import (
     ScoreRequest,
     ScoreResponse,
 )
+from pop_nemo.serving import QueueFull, ServeLimits, Stopped
 
 log = logging.getLogger("pop_nemo.critic")
 
@@ -54,38 +51,25 @@ log = logging.getLogger("pop_nemo.critic")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ServeLimits):
     """The ``serve:`` section of a critic config (the rest is an ordinary pop_nemo config:
-    ``model``, ``task``, ``rollout.rubric``/``rollout.judge`` sampling and ``rollout.guide``)."""
+    ``model``, ``task``, ``rollout.rubric``/``rollout.judge`` sampling and ``rollout.guide``).
+    ``host`` beyond loopback needs a bearer token in $POP_NEMO_CRITIC_TOKEN."""
 
-    host: str = "127.0.0.1"  # anything but loopback needs a bearer token in $POP_NEMO_CRITIC_TOKEN
     port: int = 8765
+    max_batch: int = 32
+    max_queue: int = 2048
     engine: Literal["hf", "trtllm"] = "hf"  # trtllm: GPU only (the NGC image)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None  # torch CPU threads; None = torch default
-    max_batch: int = 32  # items per engine call
-    max_wait_ms: float = 10.0  # wait at most this long after the oldest queued item for a fuller batch
-    max_queue: int = 2048  # items waiting for the engine; beyond that requests get 503
-    item_timeout_s: float = 600.0  # deadline of an item unless the caller asks for less (X-Pop-Timeout-S)
-    max_body_mb: float = 16.0
-    retry_after_s: int = 1  # Retry-After of a 503
 
 
 def check_serve_config(s: ServeConfig) -> ServeConfig:
     from pop_nemo.config import ConfigError
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    need(0 <= s.port < 65536, f"serve.port={s.port} must be in 0..65535")
-    need(s.max_batch >= 1, "serve.max_batch must be >= 1")
-    need(s.max_wait_ms >= 0, "serve.max_wait_ms must be >= 0")
-    need(s.max_queue >= s.max_batch, "serve.max_queue must be >= serve.max_batch")
-    need(s.item_timeout_s > 0, "serve.item_timeout_s must be > 0")
-    need(s.max_body_mb > 0, "serve.max_body_mb must be > 0")
-    need(s.retry_after_s >= 1, "serve.retry_after_s must be >= 1 (whole seconds, as HTTP wants)")
-    need(s.num_threads is None or s.num_threads >= 1, "serve.num_threads must be >= 1 or null")
+    serving.check_limits(s, "serve")
+    if not (s.num_threads is None or s.num_threads >= 1):
+        raise ConfigError("serve.num_threads must be >= 1 or null")
     return s
 
 
@@ -100,47 +84,11 @@ def load_serve_config(path: str | None, overrides: Sequence[str] = ()) -> tuple[
     return cfg, check_serve_config(build_section(ServeConfig, serve, "serve"))
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, token: str | None) -> None:
-    from pop_nemo.config import ConfigError
-
-    if not is_loopback(host) and not token:
-        raise ConfigError(
-            f"binding {host!r} exposes the critic beyond this machine: set a bearer token in ${TOKEN_ENV} "
-            "(clients send it as 'Authorization: Bearer ...'), or bind 127.0.0.1"
-        )
-
-
 # ---------------------------------------------------------------- the batching service
-
-
-class QueueFull(Exception):
-    pass
 
 
 class NotReady(Exception):
     pass
-
-
-@dataclass(eq=False)
-class _Work:
-    kind: Literal["judge", "rubric"]
-    item: JudgeItem | RubricItem
-    future: asyncio.Future
-    enqueued: float  # loop time
-    deadline: float  # loop time
-    created: float = field(default_factory=time.monotonic)
-    # Plain flags shared with the engine thread (single writes, single reads: no lock needed).
-    started: bool = False  # the engine thread began generating it
-    abandoned: bool = False  # its request stopped waiting; the engine skips it
 
 
 @dataclass
@@ -160,7 +108,7 @@ def _failed(kind: str, item: JudgeItem | RubricItem, error: str, timed_out: bool
 
 @dataclass
 class CriticService:
-    """Queue, batcher and the engine thread. ``load`` runs on the engine thread and returns the
+    """The model's lifecycle and the batcher. ``load`` runs on the engine thread and returns the
     Critic that does the work (in practice a LocalCritic over an HF engine)."""
 
     load: Callable[[], Critic]
@@ -172,24 +120,21 @@ class CriticService:
         self.state: Literal["loading", "ready", "failed", "stopped"] = "loading"
         self.load_error: str | None = None
         self.critic: Critic | None = None
-        # The one thread that touches the model: it loads it and runs every batch.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic-engine")
-        self._queue: deque[_Work] = deque()
-        self._busy = False
-        self._wake: asyncio.Event | None = None
-        self._batcher: asyncio.Task | None = None
+        self.batcher: serving.Batcher[JudgeItem | RubricItem, _Outcome] = serving.Batcher(
+            self._run_batch, self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.max_queue, name="critic"
+        )
+        self.executor = self.batcher.executor  # the one thread that touches the model
         self.metrics = CriticMetrics(
-            queue_depth=lambda: len(self._queue),
+            queue_depth=self.batcher.depth,
             ready=lambda: 1.0 if self.state == "ready" else 0.0,
-            busy=lambda: 1.0 if self._busy else 0.0,
+            busy=lambda: 1.0 if self.batcher.busy else 0.0,
         )
 
     # ---- lifecycle
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._batcher = loop.create_task(self._run_batcher(), name="critic-batcher")
+        await self.batcher.start()
         t0 = time.perf_counter()
         fut = loop.run_in_executor(self.executor, self.load)
 
@@ -210,131 +155,55 @@ class CriticService:
 
     async def stop(self) -> None:
         self.state = "stopped"
-        if self._batcher:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
-        while self._queue:
-            w = self._queue.popleft()
-            if not w.future.done():
-                w.future.set_result(_failed(w.kind, w.item, "the critic server is shutting down"))
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        await self.batcher.stop()
 
     # ---- requests
 
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self.batcher.depth()
 
     async def submit(
         self, kind: Literal["judge", "rubric"], items: Sequence[JudgeItem | RubricItem], timeout_s: float | None
     ) -> list[_Outcome]:
         if self.state != "ready":
-            self.metrics.rejected.inc(reason="not_ready")
+            self.metrics.rejected.labels("not_ready").inc()
             raise NotReady(self.load_error or "the model is loading")
-        if len(self._queue) + len(items) > self.cfg.max_queue:
-            self.metrics.rejected.inc(reason="queue_full")
-            raise QueueFull(f"queue full ({len(self._queue)} of {self.cfg.max_queue} items waiting)")
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
         timeout = self.cfg.item_timeout_s if timeout_s is None else min(timeout_s, self.cfg.item_timeout_s)
-        now = loop.time()
-        works = [_Work(kind, it, loop.create_future(), now, now + timeout) for it in items]
-        self._queue.extend(works)
-        self._wake.set()
         try:
-            await asyncio.wait([w.future for w in works], timeout=max(0.0, now + timeout - loop.time()))
-        except asyncio.CancelledError:  # the request is gone (shutdown): the engine need not do its work
-            for w in works:
-                w.abandoned = True
-                with contextlib.suppress(ValueError):
-                    self._queue.remove(w)
+            works = await self.batcher.submit(kind, items, timeout)
+        except QueueFull:
+            self.metrics.rejected.labels("queue_full").inc()
             raise
         out = []
         for w in works:
-            if w.future.done() and not w.future.cancelled():
+            if w.future.cancelled():
+                where = "while the model was generating it" if w.started else "before the engine reached it"
+                out.append(_failed(kind, w.payload, f"deadline of {timeout:.3g} s passed {where}", timed_out=True))
+            elif isinstance(w.future.exception(), Stopped):
+                out.append(_failed(kind, w.payload, "the critic server is shutting down"))
+            else:
                 out.append(w.future.result())
-                continue
-            w.abandoned = True
-            where = "while the model was generating it" if w.started else "before the engine reached it"
-            w.future.cancel()
-            with contextlib.suppress(ValueError):
-                self._queue.remove(w)
-            out.append(_failed(kind, w.item, f"deadline of {timeout:.3g} s passed {where}", timed_out=True))
         for o in out:
-            self.metrics.items.inc(kind=kind, outcome=o.outcome)
+            self.metrics.items.labels(kind, o.outcome).inc()
             if o.outcome == "parse_failure":
-                self.metrics.parse_failures.inc(kind=kind)
+                self.metrics.parse_failures.labels(kind).inc()
             elif o.outcome == "timeout":
-                self.metrics.timeouts.inc(kind=kind)
+                self.metrics.timeouts.labels(kind).inc()
         return out
 
-    # ---- the batcher (event loop) and the engine thread
+    # ---- the engine thread
 
-    def _take_batch(self, now: float) -> list[_Work]:
-        """Up to max_batch live items of the oldest item's kind, in arrival order."""
-        kind = self._queue[0].kind
-        batch: list[_Work] = []
-        keep: deque[_Work] = deque()
-        while self._queue:
-            w = self._queue.popleft()
-            if w.future.done():
-                continue  # its request gave up
-            if w.kind == kind and len(batch) < self.cfg.max_batch and now < w.deadline:
-                batch.append(w)
-            else:
-                keep.append(w)  # expired items stay until their request times them out
-        self._queue = keep
-        return batch
-
-    async def _run_batcher(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        max_wait = self.cfg.max_wait_ms / 1000
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            head = self._queue[0]
-            same = sum(1 for w in self._queue if w.kind == head.kind)
-            remaining = head.enqueued + max_wait - loop.time()
-            if same < self.cfg.max_batch and remaining > 0:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                continue  # re-examine: more items, the head timed out, or the wait is over
-            batch = self._take_batch(loop.time())
-            if not batch:
-                # only expired items are left: sleep until their requests remove them
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.05)
-                continue
-            self._busy = True
-            try:
-                results = await loop.run_in_executor(self.executor, self._run_batch, batch)
-            finally:
-                self._busy = False
-            for w, r in zip(batch, results):
-                if r is not None and not w.future.done():
-                    w.future.set_result(r)
-
-    def _run_batch(self, batch: list[_Work]) -> list[_Outcome | None]:
-        """On the engine thread: generate for the items whose requests still wait (None for the rest)."""
-        live = [w for w in batch if not w.abandoned]
-        if not live:
-            return [None] * len(batch)
-        kind = live[0].kind
+    def _run_batch(self, live: list[serving.Item]) -> list[_Outcome]:
+        """On the engine thread: one engine call for the batch's live items."""
+        kind = live[0].key
         t0 = time.perf_counter()
-        for w in live:
-            w.started = True
         now = time.monotonic()
         for w in live:
-            self.metrics.queue_wait.observe(now - w.created, kind=kind)
-        self.metrics.batch_size.observe(len(live), kind=kind)
-        got = iter(self._run_engine(kind, [w.item for w in live]))
-        self.metrics.engine_latency.observe(time.perf_counter() - t0, kind=kind)
-        return [next(got) if w.started else None for w in batch]
+            self.metrics.queue_wait.labels(kind).observe(now - w.created)
+        self.metrics.batch_size.labels(kind).observe(len(live))
+        out = self._run_engine(kind, [w.payload for w in live])
+        self.metrics.engine_latency.labels(kind).observe(time.perf_counter() - t0)
+        return out
 
     def _run_engine(self, kind: str, items: list[JudgeItem | RubricItem]) -> list[_Outcome]:
         """An exception fails only the items that cause it (the batch is retried one by one)."""
@@ -344,7 +213,7 @@ class CriticService:
         try:
             return [_Outcome(r, "valid" if r.valid else "parse_failure") for r in fn(items)]  # type: ignore[arg-type]
         except Exception as e:  # noqa: BLE001 - reported per item, counted, logged
-            self.metrics.engine_errors.inc(kind=kind)
+            self.metrics.engine_errors.labels(kind).inc()
             log.exception("engine call failed on a batch of %d %s item(s)", len(items), kind)
             if len(items) == 1:
                 return [_failed(kind, items[0], f"engine error: {type(e).__name__}: {e}")]
@@ -364,89 +233,7 @@ def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | 
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-_KNOWN_PATHS = {"/v1/score", "/v1/rubric", "/healthz", "/metrics", "/openapi.json", "/docs"}
-
-
-class _Guard:
-    """Pure ASGI middleware: bearer token, request body limit, request metrics."""
-
-    def __init__(self, app, service: CriticService, token: str | None, max_body: int):
-        self.app, self.service, self.token, self.max_body = app, service, token, max_body
-
-    async def _reply(self, send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": hdrs})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        path = scope.get("path", "")
-        endpoint = path if path in _KNOWN_PATHS else "other"
-        status = {"code": 500}
-
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            headers = {k.lower(): v for k, v in scope.get("headers", [])}
-            if self.token is not None:
-                auth = headers.get(b"authorization", b"").decode("latin-1")
-                scheme, _, given = auth.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                    return await self._reply(
-                        send_wrapped, 401, "missing or wrong bearer token", {"www-authenticate": "Bearer"}
-                    )
-            if scope.get("method") in ("POST", "PUT", "PATCH"):
-                declared = headers.get(b"content-length")
-                if declared is not None:
-                    try:
-                        size = int(declared)
-                    except ValueError:
-                        return await self._reply(send_wrapped, 400, "Content-Length is not a number")
-                    if size > self.max_body:
-                        return await self._reply(
-                            send_wrapped, 413, f"request body of {size} bytes exceeds the limit of {self.max_body}"
-                        )
-                chunks, total = [], 0
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    chunk = message.get("body", b"")
-                    total += len(chunk)
-                    if total > self.max_body:
-                        return await self._reply(
-                            send_wrapped, 413, f"request body exceeds the limit of {self.max_body} bytes"
-                        )
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-                body = b"".join(chunks)
-                try:
-                    body.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    return await self._reply(send_wrapped, 400, f"request body is not valid UTF-8 (byte {e.start})")
-                sent = False
-
-                async def replay():
-                    nonlocal sent
-                    if not sent:
-                        sent = True
-                        return {"type": "http.request", "body": body, "more_body": False}
-                    return await receive()
-
-                receive = replay
-            await self.app(scope, receive, send_wrapped)
-        finally:
-            m = self.service.metrics
-            m.requests.inc(endpoint=endpoint, code=str(status["code"]))
-            m.request_latency.observe(time.perf_counter() - t0, endpoint=endpoint)
+_KNOWN_PATHS = ("/v1/score", "/v1/rubric", "/healthz", "/metrics", "/openapi.json", "/docs")
 
 
 def _validation_detail(exc: RequestValidationError) -> dict[str, Any]:
@@ -483,19 +270,11 @@ Timeout = Annotated[
 def create_app(service: CriticService, token: str | None = None) -> FastAPI:
     """The FastAPI app around ``service``; ``token`` set = every request needs it as a bearer token."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
-
     app = FastAPI(
         title="pop-nemo critic",
         summary="Rubric writer and judge for POP self-play, with dynamic batching.",
         version="1",
-        lifespan=lifespan,
+        lifespan=serving.lifespan(service.start, service.stop),
     )
     retry_after = {"Retry-After": str(service.cfg.retry_after_s)}
 
@@ -544,12 +323,18 @@ def create_app(service: CriticService, token: str | None = None) -> FastAPI:
         body = Health(status=service.state, detail=service.load_error, model=service.info.get("model"))
         return _json_response(503, body.model_dump(), retry_after)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
         """Prometheus text format."""
-        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(_Guard, service=service, token=token, max_body=int(service.cfg.max_body_mb * 1024 * 1024))
+    app.add_middleware(
+        serving.Guard,
+        token=token,
+        max_body=int(service.cfg.max_body_mb * 1024 * 1024),
+        metrics=service.metrics.http,
+        known_paths=_KNOWN_PATHS,
+    )
     return app
 
 
@@ -561,9 +346,7 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
     import torch
 
     from pop_nemo import build
-    from pop_nemo.critic.local import LocalCritic
     from pop_nemo.models import load_tokenizer, resolve_model_path
-    from pop_nemo.selfplay.roles import get_task
 
     if scfg.num_threads:
         torch.set_num_threads(scfg.num_threads)
@@ -576,16 +359,7 @@ def build_local_critic(cfg: Any, scfg: ServeConfig) -> Critic:
         engine = build.hf_engine(
             path, tok, dtype=cfg.model.dtype, max_batch=scfg.max_batch, seed=cfg.seed, device=device
         )
-    return LocalCritic(
-        rubric_engine=engine,
-        judge_engine=engine,
-        rubric_sampling=build.sampling(cfg.rollout.rubric),
-        judge_sampling=build.sampling(cfg.rollout.judge),
-        writing=get_task(cfg.task).writing,
-        limits=build.guide_limits(cfg),
-        judge_mode=cfg.rollout.judge.mode,
-        paper_parsing=cfg.rollout.judge.parsing == "paper",
-    )
+    return build.local_critic(cfg, engine, engine)
 
 
 def _uvicorn_config(app, host: str, port: int):
@@ -603,8 +377,8 @@ def serve(cfg: Any, scfg: ServeConfig, token: str | None = None) -> int:
     from pop_nemo.models import resolve_model_path
     from pop_nemo.run_output import console
 
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-    check_bind(scfg.host, token)
+    token = serving.token_from_env(token, TOKEN_ENV)
+    serving.check_bind(scfg.host, token, TOKEN_ENV, "the critic")
     resolve_model_path(cfg.model.path)  # a bad model path fails now, not on the engine thread
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     service = CriticService(
@@ -651,7 +425,7 @@ class ServerThread:
     ):
         import uvicorn
 
-        check_bind(host, token)
+        serving.check_bind(host, token, TOKEN_ENV, "the critic")
         self.service = service
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -13,33 +13,33 @@ and ``return_token_ids``. Anything else the server cannot honour (``stream``, ``
 ``tools``, ``logit_bias``, penalties) is refused with a 400 rather than ignored. Also
 ``GET /v1/models`` and ``GET /healthz``.
 
-Concurrent requests are batched: one engine thread runs whatever arrived within
-``max_wait_ms`` of the oldest waiting request (up to ``max_batch`` requests) in one
-``generate`` call. A full queue answers 503 with ``Retry-After``.
+Concurrent requests are batched by the shared :class:`pop_nemo.serving.Batcher`: one engine
+thread runs whatever arrived within ``max_wait_ms`` of the oldest waiting request (up to
+``max_batch`` requests) in one ``generate`` call. A full queue answers 503 with ``Retry-After``;
+a request past ``item_timeout_s`` answers 504. Auth (``$POP_NEMO_OPENAI_TOKEN`` on ``/v1/``),
+the bind rule, body limits and ``GET /metrics`` are :mod:`pop_nemo.serving`'s, as in the critic.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
-import ipaddress
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from pop_nemo import serving
 from pop_nemo.engines.base import Completion, Guide, Sampling
 from pop_nemo.engines.base import Request as EngineRequest
+from pop_nemo.serving import ServeLimits
 
 if TYPE_CHECKING:
     from pop_nemo.engines.hf import HFEngine
@@ -108,6 +108,17 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+_ERROR_KINDS = {401: "authentication_error", 413: "invalid_request_error", 400: "invalid_request_error"}
+_KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    """OpenAI's error shape, for the shared guard's 400/401/413."""
+    return {
+        "error": {"message": message, "type": _ERROR_KINDS.get(status, "server_error"), "param": None, "code": None}
+    }
+
+
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", headers=None):
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -159,22 +170,24 @@ def check_supported(req: ChatRequest) -> None:
 
 
 @dataclass
-class ServeOpenAIConfig:
+class ServeOpenAIConfig(ServeLimits):
+    """The served model's name and generation defaults, plus the settings both servers share
+    (:class:`pop_nemo.serving.ServeLimits`: host, port, batching, deadline, body limit)."""
+
     model_name: str = "smollm2"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 16  # requests per engine call
-    max_wait_ms: float = 10.0
-    max_queue: int = 256
     default_max_tokens: int = 256
     max_context: int | None = None  # prompt + max_tokens limit; None = the model's
 
 
-@dataclass
-class _Work:
-    request: EngineRequest
-    future: asyncio.Future
-    enqueued: float
+def check_openai_config(cfg: ServeOpenAIConfig) -> ServeOpenAIConfig:
+    from pop_nemo.config import ConfigError
+
+    serving.check_limits(cfg, "serve")
+    if cfg.default_max_tokens < 1:
+        raise ConfigError("serve.default_max_tokens must be >= 1")
+    if cfg.max_context is not None and cfg.max_context < 2:
+        raise ConfigError("serve.max_context must be >= 2 or null")
+    return cfg
 
 
 @dataclass
@@ -188,17 +201,19 @@ class OpenAIService:
     stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "batches": 0, "rejected": 0})
 
     def __post_init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openai-engine")
-        self._queue: list[_Work] = []
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self.batcher: serving.Batcher[EngineRequest, Completion] = serving.Batcher(
+            self._run_batch, self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.max_queue, name="openai"
+        )
+        self.metrics = OpenAIMetrics(self)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        fut = loop.run_in_executor(self._pool, self.load)
+        await self.batcher.start()
+        fut = loop.run_in_executor(self.batcher.executor, self.load)
 
         def loaded(f: asyncio.Future) -> None:
+            if f.cancelled():
+                return
             if f.exception() is not None:
                 self.state, self.load_error = "failed", f"{type(f.exception()).__name__}: {f.exception()}"
                 return
@@ -207,50 +222,52 @@ class OpenAIService:
             self.state = "ready"
 
         fut.add_done_callback(loaded)
-        self._task = asyncio.create_task(self._batcher())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        await self.batcher.stop()
 
     async def submit(self, request: EngineRequest) -> list[Completion]:
-        if len(self._queue) >= self.cfg.max_queue:
-            raise APIError(503, "server busy: request queue is full", kind="server_busy")
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Work(request, fut, time.monotonic()))
-        assert self._wake is not None
-        self._wake.set()
-        return await fut
+        try:
+            (item,) = await self.batcher.submit(None, [request], self.cfg.item_timeout_s)
+        except serving.QueueFull:
+            self.stats["rejected"] += 1
+            raise APIError(503, "server busy: request queue is full", kind="server_busy") from None
+        if item.future.cancelled():
+            raise APIError(
+                504, f"deadline of {self.cfg.item_timeout_s:g} s passed (serve.item_timeout_s)", kind="timeout"
+            )
+        err = item.future.exception()
+        if isinstance(err, serving.Stopped):
+            raise APIError(503, str(err), kind="server_busy")
+        if err is not None:
+            raise APIError(500, f"generation failed: {err}", kind="server_error")
+        return item.future.result()
 
-    async def _batcher(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue and self.state == "ready":
-                oldest = self._queue[0].enqueued
-                wait = oldest + self.cfg.max_wait_ms / 1000 - time.monotonic()
-                if len(self._queue) < self.cfg.max_batch and wait > 0:
-                    await asyncio.sleep(wait)
-                batch = [w for w in self._queue[: self.cfg.max_batch] if not w.future.done()]
-                del self._queue[: self.cfg.max_batch]
-                if not batch:
-                    continue
-                self.stats["batches"] += 1
-                try:
-                    results = await loop.run_in_executor(self._pool, self.engine.generate, [w.request for w in batch])
-                except Exception as e:  # one bad batch must not kill the server
-                    for w in batch:
-                        if not w.future.done():
-                            w.future.set_exception(APIError(500, f"generation failed: {e}", kind="server_error"))
-                    continue
-                for w, r in zip(batch, results):
-                    if not w.future.done():
-                        w.future.set_result(r)
+    def _run_batch(self, live: list[serving.Item[EngineRequest]]) -> list[list[Completion]]:
+        """On the engine thread: one ``generate`` call for the batch."""
+        self.stats["batches"] += 1
+        self.metrics.batch_size.observe(len(live))
+        return self.engine.generate([w.payload for w in live])
+
+
+class OpenAIMetrics:
+    """``GET /metrics``: requests, batch sizes, queue depth, readiness (a registry per app)."""
+
+    def __init__(self, service: OpenAIService):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.http = serving.RequestMetrics("pop_openai", r)
+        self.batch_size = Histogram(
+            "pop_openai_batch_size", "Requests per engine call.", buckets=serving.BATCH_BUCKETS, registry=r
+        )
+        Gauge("pop_openai_queue_depth", "Requests waiting for the engine.", registry=r).set_function(
+            service.batcher.depth
+        )
+        Gauge("pop_openai_ready", "1 when the model is loaded.", registry=r).set_function(
+            lambda: 1.0 if service.state == "ready" else 0.0
+        )
+        Gauge("pop_openai_engine_busy", "1 while the engine runs a batch.", registry=r).set_function(
+            lambda: 1.0 if service.batcher.busy else 0.0
+        )
 
 
 def _model_context(engine: HFEngine) -> int | None:
@@ -270,23 +287,21 @@ def _logprobs_content(comp: Completion, tokenizer) -> dict[str, Any]:
 
 
 def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
+    app = FastAPI(title="pop_nemo OpenAI-compatible server", lifespan=serving.lifespan(service.start, service.stop))
+    app.add_middleware(
+        serving.Guard,
+        token=token,
+        max_body=int(service.cfg.max_body_mb * 1024 * 1024),
+        metrics=service.metrics.http,
+        known_paths=_KNOWN_PATHS,
+        auth_prefix="/v1/",  # /healthz and /metrics stay open, as probes expect
+        error_body=_error_body,
+    )
 
-    app = FastAPI(title="pop_nemo OpenAI-compatible server", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if token and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return _error(401, "missing or wrong bearer token", kind="authentication_error")
-        return await call_next(request)
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -297,7 +312,7 @@ def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": str(service.cfg.retry_after_s)} if exc.status == 503 else None
         return _error(exc.status, exc.message, exc.param, exc.kind, headers)
 
     @app.get("/healthz")
@@ -305,7 +320,7 @@ def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
         body = {"status": service.state, "model": service.cfg.model_name, **service.stats}
         if service.state != "ready":
             body["detail"] = service.load_error
-            return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.cfg.retry_after_s)})
         return body
 
     @app.get("/v1/models")
@@ -386,26 +401,12 @@ def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
 # ---------------------------------------------------------------- running it
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(load: Callable[[], HFEngine], cfg: ServeOpenAIConfig, token: str | None = None) -> int:
     import uvicorn
 
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-    if not is_loopback(cfg.host) and not token:
-        from pop_nemo.config import ConfigError
-
-        raise ConfigError(
-            f"binding {cfg.host!r} exposes the server beyond this machine: set a bearer token in ${TOKEN_ENV}, "
-            "or bind 127.0.0.1"
-        )
+    token = serving.token_from_env(token, TOKEN_ENV)
+    serving.check_bind(cfg.host, token, TOKEN_ENV, "the server")
+    check_openai_config(cfg)
     service = OpenAIService(load=load, cfg=cfg)
     server = uvicorn.Server(
         uvicorn.Config(create_app(service, token), host=cfg.host, port=cfg.port, log_level="info", access_log=False)

@@ -398,22 +398,11 @@ class Synthesizer:
     """Self-play for a list of documents, batched per chunk (used by the CLI and the benchmark)."""
 
     def __init__(self, cfg: Config, engines: dict[str, Engine]):
-        from pop_nemo.critic.local import LocalCritic
-
         off = cfg.offline
         self.cfg, self.off, self.engines = cfg, off, engines
         task = roles.get_task(cfg.task)
         limits = build.guide_limits(cfg)
-        critic: Critic = LocalCritic(
-            rubric_engine=engines["rubric"],
-            judge_engine=engines["judge"],
-            rubric_sampling=build.sampling(cfg.rollout.rubric),
-            judge_sampling=build.sampling(cfg.rollout.judge),
-            writing=task.writing,
-            limits=limits,
-            judge_mode=cfg.rollout.judge.mode,
-            paper_parsing=cfg.rollout.judge.parsing == "paper",
-        )
+        critic: Critic = build.local_critic(cfg, engines["rubric"], engines["judge"])
         if not (off.rubric_knowledge and off.proposer_knowledge):
             critic = BlindRubricWriter(critic)
         self.selfplay = build.build_selfplay(
