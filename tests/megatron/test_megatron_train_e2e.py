@@ -37,12 +37,14 @@ pytestmark = [
 ]
 
 SITE = Path(__file__).resolve().parent / "site"
-# seed 1: step 1's group gets two different rewards, so the update is not zero (seed 1234's group
-# is degenerate: loss and grad norm 0 on both backends, which would compare nothing).
+# seed 2: step 1's group gets two different rewards, so the update is not zero (grad norm 4.77;
+# seeds 3-5, and seed 1 since the paper-fidelity changes to rubric scoring and guides, give a degenerate
+# group: loss and grad norm 0 on both backends, which would compare nothing).
 # policy.lr 1e-3: one step changes step 2's sampled answers (measured; with the default 1e-5 they
 # equal an untrained run's), so equal step-2 records show that the rollout engine got Megatron's
-# trained weights, not merely the initial ones.
-COMMON = ["seed=1", "policy.lr=1e-3", "trainer.keep_checkpoints=1"]
+# trained weights, not merely the initial ones (seed 2: step 2's kl 0.94; its answers differ from a
+# policy.lr=0 run's).
+COMMON = ["seed=2", "policy.lr=1e-3", "trainer.keep_checkpoints=1"]
 MEGATRON = ["policy.backend=megatron", "megatron.pipeline_model_parallel_size=2"]
 # Relative tolerance for every float metric, HF vs Megatron. Both are fp32; on step 1's batch the
 # HF policy's own grad norm is 5e-5 off its float64 value, and Megatron's 6e-5, so two correct
