@@ -151,9 +151,10 @@ class StepCost:
 
 
 def step_cost(m: Model, w: Workload, hw: Hardware, gpus: int, critic_gpus: int, split: bool) -> StepCost:
-    """One step on ``gpus`` trainer GPUs and ``critic_gpus`` critic GPUs. ``split`` False = today:
-    every trainer rank repeats the whole self-play, so generation uses one engine's worth of GPUs;
-    True = data-parallel self-play (not built yet): the groups are spread over all of them."""
+    """One step on ``gpus`` trainer GPUs and ``critic_gpus`` critic GPUs. ``split`` True:
+    data-parallel self-play (what ``pop-nemo train`` does), the groups spread over all of them;
+    False: every trainer rank repeats the whole self-play (before the split), so generation uses
+    one engine's worth of GPUs."""
     gen, prompt = generated_tokens(w), prompt_tokens(w)
     gen_gpus = gpus if split else hw.rollout_tp
     generate_s = (
@@ -213,7 +214,7 @@ def table(w: Workload, gpus: int, critic_gpus: int) -> str:
             c = step_cost(m, w, hw, gpus, max(critic_gpus, critic_tp), split)
             t = c.tokens
             rows.append(
-                f"| {m.name} | {'split (items 1-3)' if split else 'today (every rank repeats)'} | "
+                f"| {m.name} | {'split (data-parallel self-play)' if split else 'repeated (every rank, before the split)'} | "
                 f"{t.proposer:,.0f} | {t.solver:,.0f} | {t.rubric:,.0f} | {t.judge:,.0f} | {t.judge_side:,.0f} | "
                 f"{c.train_flops / 1e15:,.1f} | {c.refit_bytes / 1e9:,.1f} / {c.refit_s:.2f} | "
                 f"{c.critic_gpu_s:,.1f} | {c.generate_s:,.1f} | {c.critic_s:,.1f} | {c.train_s:,.1f} | "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pop_nemo import distributed
 from pop_nemo.config import Config, ConfigError, RoleSampling
 from pop_nemo.corpus import Corpus
 from pop_nemo.critic.base import Critic
@@ -106,10 +107,8 @@ def this_rank_engine_device(policy_device: str | None = None, requested: str = "
     """:func:`engine_device` for this process (its ``LOCAL_RANK`` and visible GPUs)."""
     import torch
 
-    from pop_nemo.distributed import local_rank
-
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return engine_device(cuda, local_rank(), policy_device, requested)
+    return engine_device(cuda, distributed.local_rank(), policy_device, requested)
 
 
 def hf_engine(
@@ -227,8 +226,15 @@ def _optimizer_kwargs(cfg: Config) -> dict:
 
 
 def check_policy_backend(cfg: Config) -> None:
-    """Fail before any model loads when ``policy.backend=megatron`` cannot run here."""
+    """Fail before any model loads when the policy backend cannot run here: the HF policy trains
+    in one process (under torchrun/srun every rank would train its own copy), and Megatron needs
+    megatron-core, megatron-bridge and GPUs."""
     if cfg.policy.backend != "megatron":
+        if (world := distributed.world_size()) > 1:
+            raise ConfigError(
+                f"{world} ranks were started (torchrun/srun/--nproc), but policy.backend={cfg.policy.backend!r} "
+                "trains in one process: add policy.backend=megatron to train data-parallel, or start one process"
+            )
         return
     import importlib.util
 
@@ -252,6 +258,12 @@ def check_policy_backend(cfg: Config) -> None:
 
 def check_rollout_backend(cfg: Config) -> None:
     """Fail before any model loads when the rollout backend cannot run here."""
+    tp = cfg.rollout.trtllm.tensor_parallel_size
+    if cfg.rollout.backend == "trtllm" and tp > 1 and (world := distributed.world_size()) > 1:
+        raise ConfigError(
+            f"rollout.trtllm.tensor_parallel_size={tp} with {world} trainer ranks: each rank builds its own "
+            "rollout engine on its GPU (one generation replica per rank); set it to 1, or run one process"
+        )
     if cfg.rollout.backend == "trtllm":
         from pop_nemo.engines.trtllm import tensorrt_llm_available
 

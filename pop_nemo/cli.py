@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 import sys
 
-from pop_nemo import commands
+from pop_nemo import commands, distributed
 from pop_nemo.errors import UserError
 from pop_nemo.run_output import console
 
@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        console.print(f"[red]error:[/] {e}")
+        # A non-zero rank's console is quiet (rank 0 reports for all), but not for its own error:
+        # a rank that fails alone must say why before torchrun/srun stops the others.
+        console.quiet = False
+        where = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+        console.print(f"[red]error{where}:[/] {e}")
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; the last checkpoint is intact: run the same command to resume")

@@ -47,13 +47,7 @@ def resume_disagreement(steps: list[int]) -> str | None:
 
 def check_ranks_resume_together(step: int) -> None:
     """Fail on every rank, instead of hanging in the policy's collective load, when ranks disagree."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    steps: list[int] = [0] * dist.get_world_size()
-    dist.all_gather_object(steps, step)
-    if why := resume_disagreement(steps):
+    if why := resume_disagreement(all_gather(step)):
         raise ResumeError(why)  # the CLI prints it as one line and exits 2
 
 
@@ -138,12 +132,29 @@ def sum_over_ranks(per_rank: list[dict[str, float] | None]) -> dict[str, float]:
 
 def all_sum_metrics(totals: dict[str, float]) -> dict[str, float]:
     """:func:`sum_over_ranks` across the process group (every rank gets the result)."""
+    return sum_over_ranks(all_gather(totals))
+
+
+def shard(n: int, parts: int, index: int) -> range:
+    """The ``index``-th of ``parts`` contiguous shares of ``range(n)``, balanced to within one item
+    (the first ``n % parts`` shares hold one more). Contiguous shares concatenated in rank order
+    give back ``range(n)``, so results gathered by rank stay in item order."""
+    if parts < 1 or not 0 <= index < parts:
+        raise ValueError(f"share {index} of {parts} does not exist")
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (index < extra))
+
+
+def all_gather[T](obj: T) -> list[T]:
+    """Every rank's ``obj`` in rank order (``[obj]`` in one process). Pickled, so meant for small
+    Python objects (token ids, text, counts), not for tensors of logits or weights."""
     if not is_initialized():
-        return totals
+        return [obj]
     import torch.distributed as dist
 
     if dist.get_world_size() == 1:
-        return totals
-    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, totals)
-    return sum_over_ranks(gathered)
+        return [obj]
+    gathered: list[T | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered  # type: ignore[return-value]

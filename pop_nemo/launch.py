@@ -7,10 +7,10 @@
   ``SLURM_LOCALID`` to those names and takes the master address from the first host of
   ``SLURM_JOB_NODELIST`` (``MASTER_PORT`` defaults to a port derived from the job id).
 
-Every rank runs the same loop (online, or DPO) with the same seed. The policy is the only collective
-part: :class:`pop_nemo.policies.megatron.MegatronPolicy` takes rank 0's batch (broadcast) so a
-rank whose rollouts diverged cannot train on different data, and it writes checkpoints into
-rank 0's folder. Outputs (metrics, records, checkpoint state) are rank 0's; other ranks write
+Every rank runs the same loop (online, or DPO) with the same seed. Online, each rank plays its
+share of a step's documents and the ranks all-gather the groups (``pop_nemo.rl.rollout_share``);
+:class:`pop_nemo.policies.megatron.MegatronPolicy` then takes rank 0's batch (broadcast), so ranks
+cannot train on different data, and it writes checkpoints into rank 0's folder. Outputs (metrics, records, checkpoint state) are rank 0's; other ranks write
 theirs under ``<output_dir>/ranks/rank_<r>/`` where they are never read by a user, and print
 nothing to the console (:func:`rank_config`).
 """

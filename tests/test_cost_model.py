@@ -63,4 +63,4 @@ def test_the_script_prints_all_three_sizes_in_both_layouts(capsys):
     out = capsys.readouterr().out
     for name in ("Qwen2.5-7B", "Qwen2.5-32B", "Qwen2.5-72B"):
         assert out.count(f"| {name} |") == 2
-    assert "today (every rank repeats)" in out and "split (items 1-3)" in out
+    assert "repeated (every rank, before the split)" in out and "split (data-parallel self-play)" in out

@@ -464,6 +464,7 @@ class CriticClient:
             answered = st.answered - before.answered
             out[f"critic_items_r{k}"] = st.items - before.items
             out[f"critic_failures_r{k}"] = st.failures - before.failures
+            out[f"critic_requests_r{k}"] = answered
             out[f"critic_latency_s_r{k}"] = (st.latency_s - before.latency_s) / answered if answered else None
         self._reported = now
         return out

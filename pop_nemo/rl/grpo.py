@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pop_nemo import build
+from pop_nemo import build, distributed
 from pop_nemo.config import AlgoConfig, Config
 from pop_nemo.engines.base import Engine
 from pop_nemo.eval.runner import evaluate_during_training
@@ -21,6 +21,7 @@ from pop_nemo.models import resolve_model_path
 from pop_nemo.policies.base import Policy, TokenBatch
 from pop_nemo.rl.advantages import compute_advantages
 from pop_nemo.rl.losses import LossConfig, kl_shaped_rewards, normalizer, policy_loss
+from pop_nemo.rl.rollout_share import Share, merge
 from pop_nemo.rl.scaffold import RunScaffold
 from pop_nemo.run_output import console, step_progress, summary_line
 from pop_nemo.selfplay.roles import get_task
@@ -167,13 +168,17 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
         bar = progress.add_task("self-play", total=cfg.trainer.max_steps, completed=start)
         for step in range(start, cfg.trainer.max_steps):
             t_step, tokens_before = time.perf_counter(), _generated_tokens(backends)
-            # 1. Self-play with the current policy: propose → solve ×N → rubric → judge.
+            # 1. Self-play with the current policy: propose → solve ×N → rubric → judge. Each rank
+            #    plays its share of the documents (whole groups); every rank gets the whole step back.
             progress.update(bar, description=f"step {step + 1}: self-play")
             docs = corpus.take(r.docs_per_step)
-            examples, stats = selfplay.run(docs, step, first_group_id=step * r.docs_per_step)
+            mine = distributed.shard(len(docs), distributed.world_size(), distributed.rank())
+            played, stats = selfplay.run(docs[mine.start : mine.stop], step, step * r.docs_per_step + mine.start)
+            tokens = _generated_tokens(backends) - tokens_before
+            rollout = merge(distributed.all_gather(Share(played, stats.seconds, tokens, critic.step_metrics())))
+            examples = rollout.examples
             samples = collect(examples, cfg.algo.format_reward)
-            metrics: dict[str, Any] = {"step": step + 1, **selfplay_metrics(examples, samples)}
-            metrics.update(critic.step_metrics())  # per-replica counts of a critic server; none in-process
+            metrics: dict[str, Any] = {"step": step + 1, **selfplay_metrics(examples, samples), **rollout.metrics}
 
             # 2. Advantages, the policy update and the refit, on the samples that are not masked.
             progress.update(bar, description=f"step {step + 1}: update")
@@ -181,7 +186,7 @@ def train(cfg: Config, fresh: bool = False, require_resume: bool = False) -> Pat
             metrics.update(update(policy, engine, samples, cfg.algo))
             if metrics["loss"] is None:
                 console.print(f"[yellow]step {step + 1}: no trainable sample (all masked); weights unchanged")
-            metrics.update(timing(stats.seconds, t_step, t_train, _generated_tokens(backends) - tokens_before, metrics))
+            metrics.update(timing(rollout.seconds, t_step, t_train, rollout.generated_tokens, metrics))
             # 3. Held-out evaluation every eval.every_steps (pop_nemo.eval), in this step's metrics row.
             if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0:
                 progress.update(bar, description=f"step {step + 1}: eval")
