@@ -225,14 +225,14 @@ def _optimizer_kwargs(cfg: Config) -> dict:
     }
 
 
-def check_policy_backend(cfg: Config) -> None:
+def check_policy_backend(cfg: Config, ranks: int | None = None) -> None:
     """Fail before any model loads when the policy backend cannot run here: the HF policy trains
     in one process (under torchrun/srun every rank would train its own copy), and Megatron needs
-    megatron-core, megatron-bridge and GPUs."""
+    megatron-core, megatron-bridge and GPUs. ``ranks``: how many will run (default: this world's)."""
     if cfg.policy.backend != "megatron":
-        if (world := distributed.world_size()) > 1:
+        if (ranks := distributed.world_size() if ranks is None else ranks) > 1:
             raise ConfigError(
-                f"{world} ranks were started (torchrun/srun/--nproc), but policy.backend={cfg.policy.backend!r} "
+                f"{ranks} ranks (--nproc, torchrun or srun), but policy.backend={cfg.policy.backend!r} "
                 "trains in one process: add policy.backend=megatron to train data-parallel, or start one process"
             )
         return

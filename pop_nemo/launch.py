@@ -61,15 +61,10 @@ def relaunch(args) -> int:
     if world_size() > 1:
         raise RuntimeError("--nproc was given inside a multi-rank launch (torchrun/srun): leave it out")
     from pop_nemo.build import check_policy_backend
-    from pop_nemo.config import ConfigError, load_config
+    from pop_nemo.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))  # a bad field fails here once, not on every rank
-    if args.nproc > 1 and cfg.policy.backend != "megatron":
-        raise ConfigError(
-            f"--nproc {args.nproc} starts ranks of the Megatron policy, but policy.backend={cfg.policy.backend!r} "
-            "trains in one process: add policy.backend=megatron, or leave --nproc out"
-        )
-    check_policy_backend(cfg)
+    check_policy_backend(cfg, ranks=args.nproc)
     return subprocess.call(torchrun_command(args.nproc, command_argv(args)))
 
 

@@ -113,4 +113,4 @@ def test_a_rank_that_fails_alone_says_why_in_one_line(tmp_path):
     proc = run_cli("train", "--config", str(TINY), "--output-dir", str(tmp_path), check=False, env=env)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error (rank 1): 2 ranks were started"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error (rank 1): 2 ranks (--nproc"), proc.stderr
