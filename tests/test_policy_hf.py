@@ -244,7 +244,7 @@ def test_warmup_cosine_without_warmup():
 # ---------------------------------------------------------------- checkpoint
 
 
-def test_save_load_restores_weights_optimizer_and_scheduler(tmp_path):
+def test_save_load_restores_weights_optimizer_and_step_count(tmp_path):
     kw = {"lr": 1e-3, "total_steps": 6, "warmup_steps": 3, "min_lr_ratio": 0.1}
     first = make_policy(**kw)
     batch = with_extras(first, make_batch())
@@ -259,7 +259,7 @@ def test_save_load_restores_weights_optimizer_and_scheduler(tmp_path):
     resumed.load(tmp_path / "ckpt")
     for k, v in params(first.model).items():
         assert torch.equal(params(resumed.model)[k], v), k
-    assert resumed.scheduler.last_epoch == first.scheduler.last_epoch == 2
+    assert resumed.steps_done == first.steps_done == 2
     assert resumed.optimizer.state_dict()["state"][0]["step"] == 2
 
     m_first = first.train_step(batch, loss_fn)
@@ -267,6 +267,27 @@ def test_save_load_restores_weights_optimizer_and_scheduler(tmp_path):
     assert m_resumed["lr"] == m_first["lr"] == pytest.approx(1e-3)  # step 2 of warmup 3: 3/3
     assert m_resumed["loss"] == m_first["loss"]
     for k, v in params(first.model).items():
+        assert torch.equal(params(resumed.model)[k], v), k
+
+
+def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
+    """Run 1 has 1 step; the same command rerun with ``trainer.max_steps=2`` resumes it. Its step 2
+    must be an uninterrupted 2-step run's step 2 (LR half way down the cosine), not a step at the
+    floor where the 1-step run's schedule ended."""
+    kw = {"lr": 1e-3, "warmup_steps": 0, "min_lr_ratio": 0.1}
+    short, straight = make_policy(total_steps=1, **kw), make_policy(total_steps=2, **kw)
+    batch = with_extras(short, make_batch())
+    loss_fn = loss_fn_for(batch, LossConfig())
+    short.train_step(batch, loss_fn)
+    short.save(tmp_path / "ckpt")
+    straight.train_step(batch, loss_fn)
+    resumed = make_policy(tiny_model(seed=99), total_steps=2, **kw)
+    resumed.load(tmp_path / "ckpt")
+
+    m_straight, m_resumed = straight.train_step(batch, loss_fn), resumed.train_step(batch, loss_fn)
+    assert m_straight["lr"] == pytest.approx(0.55e-3)  # (1 + 0.1) / 2 of the peak
+    assert m_resumed["lr"] == m_straight["lr"]
+    for k, v in params(straight.model).items():
         assert torch.equal(params(resumed.model)[k], v), k
 
 

@@ -86,6 +86,24 @@ class Policy(Protocol):
     def export_hf(self, path: Path) -> None: ...
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of each step: ``lr`` × :func:`warmup_cosine` over this run's steps.
+
+    A function of the step count and the config only, never saved: a run resumed with a larger
+    ``trainer.max_steps`` follows the longer schedule from where it stands, as an uninterrupted
+    run of that length does (a saved scheduler would keep the shorter run's)."""
+
+    lr: float
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+
+    def at(self, step: int) -> float:
+        """The LR of the update after ``step`` updates."""
+        return self.lr * warmup_cosine(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
     if warmup > 0 and step < warmup:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pop_nemo.policies.base import LossFn, TokenBatch, token_logprobs, warmup_cosine
+from pop_nemo.policies.base import LossFn, LRSchedule, TokenBatch, token_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -60,9 +60,8 @@ class HFPolicy:
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas, weight_decay=weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps, min_lr_ratio)
-        )
+        self.schedule = LRSchedule(lr, warmup_steps, total_steps, min_lr_ratio)
+        self.steps_done = 0
 
     @property
     def device(self) -> torch.device:
@@ -106,9 +105,11 @@ class HFPolicy:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.schedule.at(self.steps_done)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
         self.optimizer.step()
-        self.scheduler.step()
+        self.steps_done += 1
         return {**totals, "grad_norm": float(grad_norm), "lr": lr}
 
     def engine_weights(self) -> Any:
@@ -118,7 +119,7 @@ class HFPolicy:
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path / "model")
         torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done},
             path / "optimizer.pt",
         )
 
@@ -138,7 +139,8 @@ class HFPolicy:
             )
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
+        # Checkpoints before LRSchedule held a LambdaLR's state, whose last_epoch is the step count.
+        self.steps_done = int(opt["steps_done"] if "steps_done" in opt else opt["scheduler"]["last_epoch"])
 
     def export_hf(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)

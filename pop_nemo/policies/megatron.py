@@ -13,7 +13,7 @@ Same protocol and the same numerics as :class:`pop_nemo.policies.hf.HFPolicy`:
   ``finalize_model_grads`` is skipped. The result is the gradient HF gets from one big batch.
 * Adam (torch AdamW semantics; weight decay on every parameter, as HFPolicy), gradient
   clipping and the grad norm from megatron's optimizer, and the LR schedule of
-  :func:`~pop_nemo.policies.base.warmup_cosine` (set on the param groups each step).
+  :class:`~pop_nemo.policies.base.LRSchedule` (set on the param groups each step).
 * The frozen reference is a second, unwrapped GPTModel with the initial weights.
 * ``save``/``load`` use megatron's distributed checkpointing (``torch_dist``): model and
   optimizer as sharded tensors (a checkpoint can be resumed with another TP/PP layout),
@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from pop_nemo.compat import allow_megatron_bridge_import
 from pop_nemo.distributed import all_sum_metrics
-from pop_nemo.policies.base import LossFn, TokenBatch, warmup_cosine
+from pop_nemo.policies.base import LossFn, LRSchedule, TokenBatch
 
 _FUSIONS = (
     "gradient_accumulation_fusion",
@@ -168,7 +168,7 @@ class MegatronPolicy:
         if micro_batch_size % row_group:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be a multiple of row_group={row_group}")
         self.micro_batch_size, self.row_group = micro_batch_size, row_group
-        self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
+        self.schedule = LRSchedule(lr, warmup_steps, total_steps, min_lr_ratio)
         self.steps_done = 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
@@ -271,7 +271,7 @@ class MegatronPolicy:
         cfg = OptimizerConfig(
             optimizer="adam",
             lr=lr,
-            min_lr=lr * self.min_lr_ratio,
+            min_lr=lr * self.schedule.min_lr_ratio,
             weight_decay=weight_decay,
             adam_beta1=betas[0],
             adam_beta2=betas[1],
@@ -392,7 +392,7 @@ class MegatronPolicy:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        lr = self.lr * warmup_cosine(self.steps_done, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+        lr = self.schedule.at(self.steps_done)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         outs = self._run(self.model, local, num_micro, loss_fn)
