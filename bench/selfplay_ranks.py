@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     distributed.init_distributed()
-    cfg = load_config(args.config, [f"rollout.docs_per_step={args.docs}", f"rollout.n={args.n}", *args.overrides])
+    cfg = load_config(args.config, [f"rollout.docs_per_step={args.docs}", f"rollout.n={args.answers}", *args.overrides])
     path = resolve_model_path(cfg.model.path)
     tok = load_tokenizer(path)
     policy_engine, reference_engine = build.rollout_engines(cfg, path, tok)
@@ -80,8 +80,8 @@ def run(ranks: int, args: argparse.Namespace, out: Path) -> dict:
         args.config,
         "--docs",
         str(args.docs),
-        "--n",
-        str(args.n),
+        "--answers",
+        str(args.answers),
         "--threads",
         str(max(1, args.cores // ranks)),
         *args.overrides,
@@ -95,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="conf/smoke_cpu.yaml")
     ap.add_argument("--docs", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--answers", type=int, default=4, help="rollout.n")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads in all, split over the ranks")
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
