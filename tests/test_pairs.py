@@ -268,6 +268,6 @@ def test_read_and_write(tmp_path):
     path.write_text('{"group_id": 1}\n')
     with pytest.raises(PairsInputError, match="not a self-play record"):
         read_records(path)
-    path.write_text("{oops\n")
-    with pytest.raises(PairsInputError, match="not valid JSON"):
+    path.write_text("\n{oops\n")
+    with pytest.raises(PairsInputError, match=r"records.jsonl:2: not valid JSON"):
         read_records(path)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pop_nemo.config import ConfigError
+from pop_nemo.jsonl import read_lines
 from pop_nemo.selfplay.roles import get_task
 
 DROP_REASONS = ("proposer_invalid", "rubric_invalid", "no_scored_answer", "scores_tied", "length_diff")
@@ -176,18 +177,11 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             f"--input {str(path)!r} does not exist (it is DIR/records.jsonl of `pop-nemo synthesize`)"
         )
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairsInputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in ("proposer_valid", "rubric_valid", "answers", "problem") if k not in rec]
-            if missing:
-                raise PairsInputError(f"{path}:{n}: not a self-play record (missing {', '.join(missing)})")
-            records.append(rec)
+    for n, rec in read_lines(path, PairsInputError):
+        missing = [k for k in ("proposer_valid", "rubric_valid", "answers", "problem") if k not in rec]
+        if missing:
+            raise PairsInputError(f"{path}:{n}: not a self-play record (missing {', '.join(missing)})")
+        records.append(rec)
     return records
 
 
