@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pop_nemo.config import Config, ConfigError, RoleSampling
+from pop_nemo.config import Config, ConfigError, OpenAIRolloutConfig, RoleSampling, TeacherConfig
 from pop_nemo.corpus import Corpus
 from pop_nemo.critic.base import Critic
 from pop_nemo.engines.base import Engine, Sampling
@@ -15,6 +15,7 @@ from pop_nemo.selfplay.stage import SelfPlay
 
 if TYPE_CHECKING:
     from pop_nemo.critic.local import LocalCritic
+    from pop_nemo.engines.openai import OpenAIEngine
 
 DOMAINS_BY_TASK = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
 
@@ -288,21 +289,27 @@ def make_trtllm_engine(cfg: Config, model_path: str, tokenizer, name: str = "pol
     )
 
 
-def make_openai_engine(cfg: Config, tokenizer=None) -> Engine:
-    """The ``rollout.openai`` endpoint as an Engine, once it answers (bounded wait)."""
+def endpoint_engine(endpoint: OpenAIRolloutConfig | TeacherConfig, tokenizer=None) -> OpenAIEngine:
+    """An OpenAI-compatible endpoint section (``rollout.openai`` or ``offline.teacher``) as an
+    Engine; the API key is read from the environment variable the section names."""
     from pop_nemo.engines.openai import OpenAIEngine
 
-    o = cfg.rollout.openai
-    engine = OpenAIEngine.from_env(
-        o.url or "",
-        o.model,
-        o.api_key_env,
-        guide_format=o.guide_format,
-        timeout_s=o.timeout_s,
-        max_concurrency=o.max_concurrency,
-        max_retries=o.max_retries,
+    return OpenAIEngine.from_env(
+        endpoint.url or "",
+        endpoint.model,
+        endpoint.api_key_env,
+        guide_format=endpoint.guide_format,
+        timeout_s=endpoint.timeout_s,
+        max_concurrency=endpoint.max_concurrency,
+        max_retries=endpoint.max_retries,
         tokenizer=tokenizer,
     )
+
+
+def make_openai_engine(cfg: Config, tokenizer=None) -> Engine:
+    """The ``rollout.openai`` endpoint as an Engine, once it answers (bounded wait)."""
+    o = cfg.rollout.openai
+    engine = endpoint_engine(o, tokenizer)
     engine.wait_ready(o.startup_timeout_s)
     return engine
 

@@ -53,18 +53,7 @@ NONE_KNOWLEDGE = "None"  # what the paper's ablations put in place of the docume
 
 def build_teacher_engine(cfg: Config) -> Engine:
     """The OpenAI-compatible endpoint of ``offline.teacher`` as an Engine."""
-    from pop_nemo.engines.openai import OpenAIEngine
-
-    t = cfg.offline.teacher
-    return OpenAIEngine.from_env(
-        t.url or "",
-        t.model,
-        t.api_key_env,
-        guide_format=t.guide_format,
-        timeout_s=t.timeout_s,
-        max_concurrency=t.max_concurrency,
-        max_retries=t.max_retries,
-    )
+    return build.endpoint_engine(cfg.offline.teacher)
 
 
 def build_self_engine(cfg: Config) -> Engine:
