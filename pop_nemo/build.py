@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pop_nemo.config import Config, ConfigError, OpenAIRolloutConfig, RoleSampling, TeacherConfig
+from pop_nemo.config import SELFPLAY_ROLES, Config, ConfigError, OpenAIRolloutConfig, RoleSampling, TeacherConfig
 from pop_nemo.corpus import Corpus
 from pop_nemo.critic.base import Critic
 from pop_nemo.engines.base import Engine, Sampling
@@ -312,6 +312,36 @@ def make_openai_engine(cfg: Config, tokenizer=None) -> Engine:
     engine = endpoint_engine(o, tokenizer)
     engine.wait_ready(o.startup_timeout_s)
     return engine
+
+
+def synthesis_self_engine(cfg: Config) -> Engine:
+    """The configured model for synthesis (the roles the teacher does not play), on this rank's GPU when there is one."""
+    from pop_nemo.models import load_tokenizer, resolve_model_path
+
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(
+            f"rollout.backend={cfg.rollout.backend!r}: synthesis runs the model in-process ('hf'); to serve roles "
+            "from an OpenAI-compatible server (vLLM, trtllm-serve), set offline.teacher.url and offline.teacher.roles"
+        )
+    path = resolve_model_path(cfg.model.path)
+    device = this_rank_engine_device()
+    return hf_engine(
+        path, load_tokenizer(path), dtype=cfg.model.dtype, max_batch=cfg.rollout.max_batch, seed=cfg.seed, device=device
+    )
+
+
+def synthesis_engines(cfg: Config) -> dict[str, Engine]:
+    """The engine of each self-play role for synthesis: ``offline.teacher``'s endpoint for its roles,
+    one in-process engine (:func:`synthesis_self_engine`) shared by the others."""
+    teacher_roles = set(cfg.offline.teacher.roles)
+    out: dict[str, Engine] = {}
+    if teacher_roles:
+        teacher = endpoint_engine(cfg.offline.teacher)
+        out.update({r: teacher for r in teacher_roles})
+    if teacher_roles != set(SELFPLAY_ROLES):
+        own = synthesis_self_engine(cfg)
+        out.update({r: own for r in SELFPLAY_ROLES if r not in teacher_roles})
+    return out
 
 
 def rollout_engines(

@@ -243,6 +243,9 @@ class LoggingConfig(Section):
 # ---- sections owned by later features (offline recipe, evaluation, Megatron backend) ----
 
 
+SELFPLAY_ROLES = ("proposer", "solver", "rubric", "judge")
+
+
 class TeacherConfig(Section):
     """Roles played through an OpenAI-compatible endpoint (a teacher model such as
     gpt-4o-mini, or the policy itself served by vLLM / trtllm-serve)."""
@@ -261,8 +264,8 @@ class TeacherConfig(Section):
 
     @model_validator(mode="after")
     def _roles(self) -> TeacherConfig:
-        bad = sorted(set(self.roles) - {"proposer", "solver", "rubric", "judge"})
-        _need(not bad, f"offline.teacher.roles has unknown roles {bad}; use any of proposer, solver, rubric, judge")
+        bad = sorted(set(self.roles) - set(SELFPLAY_ROLES))
+        _need(not bad, f"offline.teacher.roles has unknown roles {bad}; use any of {', '.join(SELFPLAY_ROLES)}")
         _need(
             not self.roles or bool(self.url),
             f"offline.teacher.roles={self.roles} needs offline.teacher.url (an OpenAI-compatible /v1 endpoint)",
