@@ -174,7 +174,7 @@ def hand_run(tmp_path: Path) -> Path:
 
 
 def test_report_of_an_offline_run_shows_pairs_and_other_metrics(tmp_path):
-    from pop_nemo.eval.report import build_report
+    from pop_nemo.run_report import build_report
 
     run = hand_run(tmp_path)
     page = parse(build_report(run, tmp_path / "out"))
@@ -193,7 +193,7 @@ def test_report_of_an_offline_run_shows_pairs_and_other_metrics(tmp_path):
 
 
 def test_report_includes_evaluations_and_their_paired_comparison(tmp_path):
-    from pop_nemo.eval.report import build_report
+    from pop_nemo.run_report import build_report
 
     est = {"mean": 0.6, "low": 0.4, "high": 0.8, "n": 5}
     mode = {"reward": est, "format_valid_rate": est, "length_tokens": {**est, "mean": 31.0}, "judge_failures": 1}
