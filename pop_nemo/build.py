@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from pop_nemo.critic.local import LocalCritic
     from pop_nemo.engines.openai import OpenAIEngine
 
-DOMAINS_BY_TASK = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
-
 
 def guide_budget_warnings(cfg: Config) -> list[str]:
     """Guided outputs always parse only if max_new_tokens covers the grammar's longest output."""
@@ -42,7 +40,9 @@ def guide_budget_warnings(cfg: Config) -> list[str]:
 def corpus_domains(cfg: Config) -> list[str] | None:
     """``corpus.domains``, or the task's own domains of the bundled mini corpus."""
     c = cfg.corpus
-    return c.domains if c.domains is not None else (DOMAINS_BY_TASK[cfg.task] if c.source == "mini" else None)
+    if c.domains is not None:
+        return c.domains
+    return list(roles.get_task(cfg.task).domains) if c.source == "mini" else None
 
 
 def build_corpus(cfg: Config, rank: int = 0, world_size: int = 1, exclude_ids: set[str] | None = None) -> Corpus:

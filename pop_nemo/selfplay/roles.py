@@ -79,6 +79,7 @@ class Task:
     doc_tag: str  # how the document is shown to the proposer
     solver_system: str
     writing: bool  # writing tasks show fewer, word-capped answers to the rubric writer
+    domains: tuple[str, ...]  # the bundled mini corpus's documents for this task (``corpus.domains`` unset)
 
     def proposer_messages(self, document: str) -> list[Message]:
         kind = "creative writing task" if self.writing else "problem"
@@ -93,10 +94,14 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "health_care": Task("health_care", _HEALTH_PROPOSER, "knowledge", _HEALTH_SOLVER, writing=False),
-    "creative_writing": Task("creative_writing", _WRITING_PROPOSER, "text_sample", _GENERAL_SOLVER, writing=True),
+    "health_care": Task(
+        "health_care", _HEALTH_PROPOSER, "knowledge", _HEALTH_SOLVER, writing=False, domains=("health",)
+    ),
+    "creative_writing": Task(
+        "creative_writing", _WRITING_PROPOSER, "text_sample", _GENERAL_SOLVER, writing=True, domains=("books",)
+    ),
     "instruction_following": Task(
-        "instruction_following", _GENERAL_PROPOSER, "knowledge", _GENERAL_SOLVER, writing=False
+        "instruction_following", _GENERAL_PROPOSER, "knowledge", _GENERAL_SOLVER, writing=False, domains=("web",)
     ),
 }
 
