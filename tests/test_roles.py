@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pop_nemo.config import GuideConfig
 from pop_nemo.selfplay.roles import (
     TASKS,
     GuideLimits,
@@ -230,7 +231,9 @@ def test_a_task_owns_its_mini_corpus_domains():
 
 # ---------------------------------------------------------------- xgrammar guides
 
-LIM = GuideLimits(problem_chars=40, reference_chars=30, name_chars=16, gold_chars=20, description_chars=30)
+LIM = GuideLimits.from_section(
+    GuideConfig(problem_chars=40, reference_chars=30, name_chars=16, gold_chars=20, description_chars=30)
+)
 
 
 @pytest.fixture(scope="module")

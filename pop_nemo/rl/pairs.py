@@ -42,17 +42,19 @@ class PairsInputError(ConfigError):
 
 @dataclass(frozen=True)
 class PairFilter:
-    best_of_n: int = 32
-    std_threshold: float = 0.001
-    max_length_diff_words: int = 100
-    length_words: Literal["whitespace", "space"] = "space"  # the paper's split(" ")
-    shuffle_seed: int = 42
-    max_pairs: int = 100000
+    """The filter and pairing settings. No defaults here: the ``offline`` config section declares
+    them (with their bounds) once, and :meth:`from_config` reads them field by field."""
+
+    best_of_n: int
+    std_threshold: float
+    max_length_diff_words: int
+    length_words: Literal["whitespace", "space"]  # 'space': the paper's split(" ")
+    shuffle_seed: int
+    max_pairs: int
 
     @classmethod
     def from_config(cls, off: Any) -> PairFilter:
-        """The filter the ``offline`` config section sets: every field here is one of its fields
-        under the same name, so each setting is declared once (in the config) and read here."""
+        """The filter an ``offline`` section sets (every field here is one of its fields, same name)."""
         return cls(**{f.name: getattr(off, f.name) for f in fields(cls)})
 
     def words(self, text: str) -> int:
