@@ -61,6 +61,16 @@ def _need(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _two_answers_at_least(section: str, why: str) -> Any:
+    """The validator of a section's group size ``n`` (a group of one has no spread to learn from)."""
+
+    def check(cls: type, n: int) -> int:
+        _need(n >= 2, f"{section}.n={n}: {why}; set {section}.n>=2")
+        return n
+
+    return field_validator("n")(classmethod(check))
+
+
 class ModelConfig(Section):
     path: str = "smollm2"  # 'smollm2' (bundled), an HF folder, or a hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -162,11 +172,7 @@ class RolloutConfig(Section):
     trtllm: TRTLLMConfig = Field(default_factory=TRTLLMConfig)
     openai: OpenAIRolloutConfig = Field(default_factory=OpenAIRolloutConfig)
 
-    @field_validator("n")
-    @classmethod
-    def _group(cls, n: int) -> int:
-        _need(n >= 2, f"rollout.n={n}: a group needs at least 2 answers for a baseline; set rollout.n>=2")
-        return n
+    _group = _two_answers_at_least("rollout", "a group needs at least 2 answers for a baseline")
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutConfig:
@@ -308,11 +314,7 @@ class OfflineConfig(Section):
     shuffle_seed: int = 42
     max_pairs: int = Field(100000, ge=1)
 
-    @field_validator("n")
-    @classmethod
-    def _group(cls, n: int) -> int:
-        _need(n >= 2, f"offline.n={n}: pairs need at least 2 answers per problem; set offline.n>=2")
-        return n
+    _group = _two_answers_at_least("offline", "pairs need at least 2 answers per problem")
 
 
 class DPOConfig(Section):

@@ -107,6 +107,7 @@ def test_apply_overrides_does_not_mutate_its_input():
         (["algo.advantage=ppo"], "algo.advantage='ppo' is not allowed; use one of 'grpo', 'rloo'"),
         (["roles.judge=critic"], "roles.judge='critic' is not allowed; use one of 'policy', 'reference'"),
         (["rollout.n=1"], "rollout.n=1: a group needs at least 2 answers"),
+        (["offline.n=1"], r"^offline.n=1: pairs need at least 2 answers per problem; set offline.n>=2$"),
         (["task=chess"], "task='chess' is unknown; use one of creative_writing, health_care, instruction_following"),
         (["rollout.judge.top_p=0"], r"rollout.judge.top_p must be in \(0, 1\]"),
         (["algo.clip_eps=1.5"], r"algo.clip_eps must be in \[0, 1\)"),
