@@ -223,26 +223,24 @@ class Guard:
 
 
 def guard_and_metrics(
-    app,
-    *,
-    token: str | None,
-    max_body_mb: float,
-    registry: CollectorRegistry,
-    http: RequestMetrics,
-    known_paths: Sequence[str],
-    **options: Any,
+    app, token: str | None, max_body_mb: float, app_metrics: Any, known_paths: Sequence[str], **options: Any
 ) -> None:
     """What both servers put on their FastAPI app: the :class:`Guard` (``options``: its
-    ``auth_prefix`` and ``error_body``) and ``GET /metrics``, the app's own registry in the
-    Prometheus text format."""
+    ``auth_prefix`` and ``error_body``) with ``app_metrics.http`` as its request metrics, and
+    ``GET /metrics``: ``app_metrics.registry`` (the app's own) in the Prometheus text format."""
     app.add_middleware(
-        Guard, token=token, max_body=int(max_body_mb * 1024 * 1024), metrics=http, known_paths=known_paths, **options
+        Guard,
+        token=token,
+        max_body=int(max_body_mb * 1024 * 1024),
+        metrics=app_metrics.http,
+        known_paths=known_paths,
+        **options,
     )
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         """Prometheus text format."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def lifespan(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]):

@@ -323,14 +323,7 @@ def create_app(service: CriticService, token: str | None = None) -> FastAPI:
         body = Health(status=service.state, detail=service.load_error, model=service.info.get("model"))
         return _json_response(503, body.model_dump(), retry_after)
 
-    serving.guard_and_metrics(
-        app,
-        token=token,
-        max_body_mb=service.cfg.max_body_mb,
-        registry=service.metrics.registry,
-        http=service.metrics.http,
-        known_paths=_KNOWN_PATHS,
-    )
+    serving.guard_and_metrics(app, token, service.cfg.max_body_mb, service.metrics, _KNOWN_PATHS)
     return app
 
 

@@ -290,11 +290,10 @@ def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
     app = FastAPI(title="pop_nemo OpenAI-compatible server", lifespan=serving.lifespan(service.start, service.stop))
     serving.guard_and_metrics(
         app,
-        token=token,
-        max_body_mb=service.cfg.max_body_mb,
-        registry=service.metrics.registry,
-        http=service.metrics.http,
-        known_paths=_KNOWN_PATHS,
+        token,
+        service.cfg.max_body_mb,
+        service.metrics,
+        _KNOWN_PATHS,
         auth_prefix="/v1/",  # /healthz and /metrics stay open, as probes expect
         error_body=_error_body,
     )
