@@ -15,20 +15,13 @@ from pop_nemo.policies.base import token_logprobs
 from pop_nemo.selfplay.roles import GuideLimits, judge_guide, parse_evaluation
 from pop_nemo.selfplay.rubric import Criterion
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [
     "Name a fruit.",
     "Write one sentence about the sea, the wind and the small boats in the harbour at dawn.",
     "What is the capital of France?",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread mostly spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def user(text: str) -> list[dict[str, str]]:
