@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from pop_nemo.jsonl import read_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("solver_format_valid_rate", "reward_mean", "num_train_samples", "degenerate_group_rate", "time_step")
 PANELS = ("solver_format_valid_rate", "reward_mean", "num_train_samples")
@@ -40,7 +42,7 @@ def run(name: str, out: Path, steps: int, extra: list[str]) -> float:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)
 
 
 def thirds(rows: list[dict], key: str) -> tuple[float | None, float | None]:

@@ -31,7 +31,8 @@ import torch
 
 from pop_nemo import build
 from pop_nemo.config import load_config
-from pop_nemo.selfplay.synthesize import Synthesizer, build_self_engine, count
+from pop_nemo.selfplay.synthesis_log import count
+from pop_nemo.selfplay.synthesize import Synthesizer
 
 
 def run_once(synth: Synthesizer, engine, docs, batched: bool) -> dict:
@@ -85,7 +86,7 @@ def main() -> None:
         over.append(f"rollout.max_batch={args.max_batch}")
     cfg = load_config(args.config, over)
     docs = build.build_corpus(cfg).take(args.docs)
-    engine = build_self_engine(cfg)
+    engine = build.synthesis_self_engine(cfg)
     engine.share_prefixes = not args.no_share_prefixes
     synth = Synthesizer(cfg, dict.fromkeys(("proposer", "solver", "rubric", "judge"), engine))
     synth.run(docs[:1], first_group_id=10_000)  # warm-up: allocator, kernels (not timed)

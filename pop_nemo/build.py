@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pop_nemo import distributed
-from pop_nemo.config import Config, ConfigError, RoleSampling
+from pop_nemo.config import SELFPLAY_ROLES, Config, ConfigError, OpenAIRolloutConfig, RoleSampling, TeacherConfig
 from pop_nemo.corpus import Corpus
 from pop_nemo.critic.base import Critic
 from pop_nemo.engines.base import Engine, Sampling
@@ -16,8 +16,7 @@ from pop_nemo.selfplay.stage import SelfPlay
 
 if TYPE_CHECKING:
     from pop_nemo.critic.local import LocalCritic
-
-DOMAINS_BY_TASK = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
+    from pop_nemo.engines.openai import OpenAIEngine
 
 
 def guide_budget_warnings(cfg: Config) -> list[str]:
@@ -42,7 +41,9 @@ def guide_budget_warnings(cfg: Config) -> list[str]:
 def corpus_domains(cfg: Config) -> list[str] | None:
     """``corpus.domains``, or the task's own domains of the bundled mini corpus."""
     c = cfg.corpus
-    return c.domains if c.domains is not None else (DOMAINS_BY_TASK[cfg.task] if c.source == "mini" else None)
+    if c.domains is not None:
+        return c.domains
+    return list(roles.get_task(cfg.task).domains) if c.source == "mini" else None
 
 
 def build_corpus(cfg: Config, rank: int = 0, world_size: int = 1, exclude_ids: set[str] | None = None) -> Corpus:
@@ -300,23 +301,59 @@ def make_trtllm_engine(cfg: Config, model_path: str, tokenizer, name: str = "pol
     )
 
 
-def make_openai_engine(cfg: Config, tokenizer=None) -> Engine:
-    """The ``rollout.openai`` endpoint as an Engine, once it answers (bounded wait)."""
+def endpoint_engine(endpoint: OpenAIRolloutConfig | TeacherConfig, tokenizer=None) -> OpenAIEngine:
+    """An OpenAI-compatible endpoint section (``rollout.openai`` or ``offline.teacher``) as an
+    Engine; the API key is read from the environment variable the section names."""
     from pop_nemo.engines.openai import OpenAIEngine
 
-    o = cfg.rollout.openai
-    engine = OpenAIEngine.from_env(
-        o.url or "",
-        o.model,
-        o.api_key_env,
-        guide_format=o.guide_format,
-        timeout_s=o.timeout_s,
-        max_concurrency=o.max_concurrency,
-        max_retries=o.max_retries,
+    return OpenAIEngine.from_env(
+        endpoint.url or "",
+        endpoint.model,
+        endpoint.api_key_env,
+        guide_format=endpoint.guide_format,
+        timeout_s=endpoint.timeout_s,
+        max_concurrency=endpoint.max_concurrency,
+        max_retries=endpoint.max_retries,
         tokenizer=tokenizer,
     )
+
+
+def make_openai_engine(cfg: Config, tokenizer=None) -> Engine:
+    """The ``rollout.openai`` endpoint as an Engine, once it answers (bounded wait)."""
+    o = cfg.rollout.openai
+    engine = endpoint_engine(o, tokenizer)
     engine.wait_ready(o.startup_timeout_s)
     return engine
+
+
+def synthesis_self_engine(cfg: Config) -> Engine:
+    """The configured model for synthesis (the roles the teacher does not play), on this rank's GPU when there is one."""
+    from pop_nemo.models import load_tokenizer, resolve_model_path
+
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(
+            f"rollout.backend={cfg.rollout.backend!r}: synthesis runs the model in-process ('hf'); to serve roles "
+            "from an OpenAI-compatible server (vLLM, trtllm-serve), set offline.teacher.url and offline.teacher.roles"
+        )
+    path = resolve_model_path(cfg.model.path)
+    device = this_rank_engine_device()
+    return hf_engine(
+        path, load_tokenizer(path), dtype=cfg.model.dtype, max_batch=cfg.rollout.max_batch, seed=cfg.seed, device=device
+    )
+
+
+def synthesis_engines(cfg: Config) -> dict[str, Engine]:
+    """The engine of each self-play role for synthesis: ``offline.teacher``'s endpoint for its roles,
+    one in-process engine (:func:`synthesis_self_engine`) shared by the others."""
+    teacher_roles = set(cfg.offline.teacher.roles)
+    out: dict[str, Engine] = {}
+    if teacher_roles:
+        teacher = endpoint_engine(cfg.offline.teacher)
+        out.update({r: teacher for r in teacher_roles})
+    if teacher_roles != set(SELFPLAY_ROLES):
+        own = synthesis_self_engine(cfg)
+        out.update({r: own for r in SELFPLAY_ROLES if r not in teacher_roles})
+    return out
 
 
 def rollout_engines(

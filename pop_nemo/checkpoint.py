@@ -9,10 +9,13 @@ resumed run cuts them back, so records match an uninterrupted run exactly).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +29,7 @@ __all__ = [
     "Checkpoint",
     "Checkpointer",
     "ResumeError",
+    "atomic_dir",
     "atomic_write_text",
     "discard",
     "resume_guard",
@@ -41,6 +45,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, prefix: str = ".tmp-") -> Iterator[Path]:
+    """A folder to fill under a temporary name beside ``out``; on success it replaces ``out``
+    whole, so a reader (or a kill) never sees half of it. On an error ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -61,6 +61,16 @@ def _need(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _two_answers_at_least(section: str, why: str) -> Any:
+    """The validator of a section's group size ``n`` (a group of one has no spread to learn from)."""
+
+    def check(cls: type, n: int) -> int:
+        _need(n >= 2, f"{section}.n={n}: {why}; set {section}.n>=2")
+        return n
+
+    return field_validator("n")(classmethod(check))
+
+
 class ModelConfig(Section):
     path: str = "smollm2"  # 'smollm2' (bundled), an HF folder, or a hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -162,11 +172,7 @@ class RolloutConfig(Section):
     trtllm: TRTLLMConfig = Field(default_factory=TRTLLMConfig)
     openai: OpenAIRolloutConfig = Field(default_factory=OpenAIRolloutConfig)
 
-    @field_validator("n")
-    @classmethod
-    def _group(cls, n: int) -> int:
-        _need(n >= 2, f"rollout.n={n}: a group needs at least 2 answers for a baseline; set rollout.n>=2")
-        return n
+    _group = _two_answers_at_least("rollout", "a group needs at least 2 answers for a baseline")
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutConfig:
@@ -243,6 +249,9 @@ class LoggingConfig(Section):
 # ---- sections owned by later features (offline recipe, evaluation, Megatron backend) ----
 
 
+SELFPLAY_ROLES = ("proposer", "solver", "rubric", "judge")
+
+
 class TeacherConfig(Section):
     """Roles played through an OpenAI-compatible endpoint (a teacher model such as
     gpt-4o-mini, or the policy itself served by vLLM / trtllm-serve)."""
@@ -261,8 +270,8 @@ class TeacherConfig(Section):
 
     @model_validator(mode="after")
     def _roles(self) -> TeacherConfig:
-        bad = sorted(set(self.roles) - {"proposer", "solver", "rubric", "judge"})
-        _need(not bad, f"offline.teacher.roles has unknown roles {bad}; use any of proposer, solver, rubric, judge")
+        bad = sorted(set(self.roles) - set(SELFPLAY_ROLES))
+        _need(not bad, f"offline.teacher.roles has unknown roles {bad}; use any of {', '.join(SELFPLAY_ROLES)}")
         _need(
             not self.roles or bool(self.url),
             f"offline.teacher.roles={self.roles} needs offline.teacher.url (an OpenAI-compatible /v1 endpoint)",
@@ -305,11 +314,7 @@ class OfflineConfig(Section):
     shuffle_seed: int = 42
     max_pairs: int = Field(100000, ge=1)
 
-    @field_validator("n")
-    @classmethod
-    def _group(cls, n: int) -> int:
-        _need(n >= 2, f"offline.n={n}: pairs need at least 2 answers per problem; set offline.n>=2")
-        return n
+    _group = _two_answers_at_least("offline", "pairs need at least 2 answers per problem")
 
 
 class DPOConfig(Section):

@@ -12,8 +12,6 @@ import fcntl
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 BUNDLED = "smollm2"
@@ -83,6 +81,8 @@ def _convert_into(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pop_nemo.checkpoint import atomic_dir
+
     gguf = _gguf_file()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -92,16 +92,10 @@ def _convert_into(out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     fix_special_tokens(tok, model)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
+    with atomic_dir(out, ".convert-") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / ".complete").write_text(json.dumps({"source": str(gguf.name)}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fix_special_tokens(tok, model=None) -> None:

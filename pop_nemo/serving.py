@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 # ---------------------------------------------------------------- the bind rule and auth
 
@@ -219,6 +220,27 @@ class Guard:
             await self._reply(send, 400, f"request body is not valid UTF-8 (byte {e.start})")
             return None
         return body
+
+
+def guard_and_metrics(
+    app, token: str | None, max_body_mb: float, app_metrics: Any, known_paths: Sequence[str], **options: Any
+) -> None:
+    """What both servers put on their FastAPI app: the :class:`Guard` (``options``: its
+    ``auth_prefix`` and ``error_body``) with ``app_metrics.http`` as its request metrics, and
+    ``GET /metrics``: ``app_metrics.registry`` (the app's own) in the Prometheus text format."""
+    app.add_middleware(
+        Guard,
+        token=token,
+        max_body=int(max_body_mb * 1024 * 1024),
+        metrics=app_metrics.http,
+        known_paths=known_paths,
+        **options,
+    )
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def lifespan(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]):

@@ -66,6 +66,18 @@ def pytest_testnodedown(node, error):
     node.config._leftover_from_workers = [*getattr(node.config, "_leftover_from_workers", []), *found]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests, restored after: on a shared 2-core machine
+    a second thread mostly spins."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     """SmolLM2-135M-Instruct as an HF folder (converted from the bundled GGUF on first use)."""

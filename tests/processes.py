@@ -3,6 +3,7 @@ check in conftest.py and the Megatron writer test look for."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 # multiprocessing's resource tracker lives exactly as long as the process that started it.
@@ -46,3 +47,15 @@ def leftover(pid: int) -> list[tuple[int, str]]:
     """Descendants of ``pid`` that a test left running, with their command lines."""
     found = [(c, command_line(c)) for c in live_descendants(pid)]
     return [(c, cmd) for c, cmd in found if not any(h in cmd for h in HARMLESS)]
+
+
+def stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, up to ``grace_s`` seconds for a clean exit, then SIGKILL: a test's child never outlives it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

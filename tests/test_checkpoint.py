@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pop_nemo.checkpoint import Checkpoint, Checkpointer, ResumeError, discard, resume_guard
+from pop_nemo.checkpoint import Checkpoint, Checkpointer, ResumeError, atomic_dir, discard, resume_guard
 from pop_nemo.config import load_config
 from pop_nemo.distributed import check_ranks_resume_together, resume_disagreement
 
@@ -89,3 +89,19 @@ def test_state_json_holds_only_what_resume_reads(tmp_path):
     ckpt.check_compatible(ckpt.latest())
     with pytest.raises(ResumeError, match="rollout.n"):
         Checkpointer(tmp_path, load_config(None, ["rollout.n=8"])).resume_point()
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "sub" / "model"
+    with atomic_dir(out, ".t-") as tmp:
+        (tmp / "a").write_text("1")
+        assert not out.exists()  # nothing shows before the end
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+    with atomic_dir(out, ".t-") as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]  # the old folder is replaced, not merged
+    with pytest.raises(RuntimeError), atomic_dir(out, ".t-") as tmp:
+        (tmp / "c").write_text("3")
+        raise RuntimeError("killed halfway")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no temporary folder left behind

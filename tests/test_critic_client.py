@@ -10,7 +10,6 @@ import socket
 import time
 
 import pytest
-import torch
 
 from pop_nemo.critic.base import JudgeItem, RubricItem
 from pop_nemo.critic.client import CriticClient, CriticUnavailable
@@ -20,19 +19,11 @@ from pop_nemo.critic.server import CriticService, ServeConfig, ServerThread
 from pop_nemo.engines.base import Sampling
 from pop_nemo.selfplay.rubric import Criterion
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 RUBRIC = [Criterion("Correct vitamin", "Vitamin D", "Names vitamin D", 2.0)]
 ITEMS = [JudgeItem("q:0", "Which vitamin does sunlight help the skin make?", RUBRIC, "Vitamin D.")]
 RUBRIC_ITEMS = [RubricItem("q", "Sunlight makes vitamin D in the skin. " * 3, "Which vitamin?", "Vitamin D", ["D"])]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from pop_nemo import build
 from pop_nemo.config import load_config
@@ -27,7 +26,7 @@ from pop_nemo.selfplay import roles
 from pop_nemo.selfplay.rubric import Criterion
 from tests.conftest import TINY, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 PROBLEM = "Which vitamin does the skin make when it is exposed to sunlight?"
 RUBRIC = [
@@ -51,15 +50,6 @@ def score_body(ids=("good", "bad")) -> dict:
 def judge_items(ids=("good", "bad")) -> list[JudgeItem]:
     crit = [Criterion(**c) for c in RUBRIC]
     return [JudgeItem(i, PROBLEM, crit, ANSWERS[i]) for i in ids]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread mostly spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pop_nemo.config import GuideConfig
 from pop_nemo.engines.base import Guide, Request, Sampling
 from pop_nemo.engines.hf import sample_token
 from pop_nemo.policies.base import token_logprobs
 from pop_nemo.selfplay.roles import GuideLimits, judge_guide, parse_evaluation
 from pop_nemo.selfplay.rubric import Criterion
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [
     "Name a fruit.",
     "Write one sentence about the sea, the wind and the small boats in the harbour at dawn.",
     "What is the capital of France?",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread mostly spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -131,7 +125,7 @@ def test_stop_at_eos(engine, tokenizer):
 
 def test_guided_judge_output_always_parses(engine):
     criteria = [Criterion("Accuracy", "4", "the answer is 4", 2.0)]
-    guide = judge_guide(criteria, GuideLimits(thoughts_chars=8))
+    guide = judge_guide(criteria, GuideLimits.from_section(GuideConfig(thoughts_chars=8)))
     msgs = user("Grade the answer '5' to 'What is 2+2?' as JSON.")
     # every token is at least one character: the longest output (8 thoughts characters, each
     # at most a 6-character JSON escape) plus eos bounds the tokens a guided output needs

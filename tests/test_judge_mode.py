@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pop_nemo.config import GuideConfig
 from pop_nemo.critic.base import JudgeItem
 from pop_nemo.critic.local import LocalCritic
 from pop_nemo.engines.base import Sampling
@@ -28,7 +29,7 @@ def test_tie_stats_exact_values():
 
 
 def test_per_criterion_guided_calls_on_the_real_model(engine):
-    limits = roles.GuideLimits(name_chars=24, thoughts_chars=24, max_criteria=2)
+    limits = roles.GuideLimits.from_section(GuideConfig(name_chars=24, thoughts_chars=24, max_criteria=2))
     judge = Sampling(temperature=0.0, max_new_tokens=120)
     critic = LocalCritic(engine, engine, judge, judge, writing=False, limits=limits, judge_mode="per_criterion")
     items = [JudgeItem(f"q:{k}", "Which vitamin does sunlight make?", RUBRIC, a, seed=k)

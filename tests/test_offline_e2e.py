@@ -24,16 +24,16 @@ import pytest
 
 from pop_nemo.checkpoint import resume_guard
 from pop_nemo.config import load_config
-from pop_nemo.selfplay.synthesize import (
-    NONE_KNOWLEDGE,
-    CommitLog,
-    Synthesizer,
+from pop_nemo.selfplay.comparative import (
     anchor_index,
     anchor_score,
     parse_anchor_ratings,
     parse_better,
     round_robin_scores,
 )
+from pop_nemo.selfplay.knowledge_ablation import NONE_KNOWLEDGE
+from pop_nemo.selfplay.synthesis_log import CommitLog
+from pop_nemo.selfplay.synthesize import Synthesizer
 from tests.conftest import ROOT, RecordingEngine, run_cli
 
 pytestmark = pytest.mark.slow
@@ -251,10 +251,9 @@ def test_median_anchor_with_a_teacher_judge_and_no_knowledge(engine, openai_serv
         "offline.teacher.guide_format=trtllm",
     )
     from pop_nemo import build
-    from pop_nemo.selfplay.synthesize import build_teacher_engine
 
     own = RecordingEngine(engine)
-    teacher = build_teacher_engine(cfg)
+    teacher = build.endpoint_engine(cfg.offline.teacher)
     synth = Synthesizer(cfg, {"proposer": own, "solver": own, "rubric": own, "judge": teacher})
     doc = build.build_corpus(cfg).take(1)
     examples, _ = synth.run(doc, first_group_id=0)

@@ -18,6 +18,7 @@ import torch
 from pop_nemo.engines.base import Guide, Request, Sampling
 from pop_nemo.engines.openai import OpenAIEngine, guide_fields
 from tests.conftest import ROOT
+from tests.processes import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -73,12 +74,7 @@ def server(model_path):
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc, 30)
         log.close()
 
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from pop_nemo.config import load_config
+from pop_nemo.config import OfflineConfig, load_config
 from pop_nemo.rl.pairs import (
     PairFilter,
     PairsInputError,
@@ -46,8 +46,13 @@ def record(scores_or_answers: list, gid: int = 0, proposer_valid: bool = True, r
     }
 
 
+def pair_filter(**settings) -> PairFilter:
+    """The filter an ``offline`` section with these settings makes (the config's defaults otherwise)."""
+    return PairFilter.from_config(OfflineConfig(**settings))
+
+
 def one(rec: dict, flt: PairFilter | None = None):
-    pairs, stats = make_pairs([rec], flt or PairFilter())
+    pairs, stats = make_pairs([rec], flt or pair_filter())
     return (pairs[0] if pairs else None), stats
 
 
@@ -55,7 +60,7 @@ def test_defaults_are_the_papers():
     cfg = load_config(None)
     flt = PairFilter.from_config(cfg.offline)
     assert (flt.best_of_n, flt.std_threshold, flt.max_length_diff_words, flt.shuffle_seed) == (32, 0.001, 100, 42)
-    assert flt.length_words == PairFilter().length_words == "space"
+    assert flt.length_words == pair_filter().length_words == "space"
 
 
 def test_first_argmax_and_first_argmin_on_ties():
@@ -133,13 +138,13 @@ def test_length_words_whitespace_vs_the_papers_space_split():
     long = "\n".join(_words(150).split(" "))  # 150 words on separate lines: 1 word for split(" ")
     rec = record([answer(2.0, long), answer(0.0, "short")])
     assert one(rec)[0] is not None  # the default is the paper's split(" "): 1 vs 1
-    assert one(rec, PairFilter(length_words="whitespace"))[0] is None  # split(): 150 vs 1
+    assert one(rec, pair_filter(length_words="whitespace"))[0] is None  # split(): 150 vs 1
 
 
 def test_invalid_proposer_and_rubric_are_dropped_with_their_reason():
     pairs, stats = make_pairs(
         [record([0.0, 2.0], 0, proposer_valid=False, rubric_valid=False), record([0.0, 2.0], 1, rubric_valid=False)],
-        PairFilter(),
+        pair_filter(),
     )
     assert pairs == []
     assert stats.dropped["proposer_invalid"] == 1 and stats.dropped["rubric_invalid"] == 1
@@ -147,7 +152,7 @@ def test_invalid_proposer_and_rubric_are_dropped_with_their_reason():
 
 def test_fewer_than_two_scored_answers():
     failed = [answer(None), answer(1.0, judge_valid=False)]
-    pairs, stats = make_pairs([record(failed, 0), record([answer(1.5)] + failed, 1)], PairFilter())
+    pairs, stats = make_pairs([record(failed, 0), record([answer(1.5)] + failed, 1)], pair_filter())
     assert pairs == []
     assert stats.dropped["no_scored_answer"] == 1  # none scored
     assert stats.dropped["scores_tied"] == 1  # one scored: std 0
@@ -158,26 +163,26 @@ def test_only_the_first_best_of_n_scored_answers_count():
     # Unscored answers do not use up best_of_n; the 2.0 after the first three scored ones is ignored.
     answers = [answer(None, "unscored"), answer(1.0, outs[0]), answer(0.5, outs[1]), answer(1.5, outs[2])]
     answers += [answer(2.0, outs[3]), answer(0.0, outs[4])]
-    pair, _ = one(record(answers), PairFilter(best_of_n=3))
+    pair, _ = one(record(answers), pair_filter(best_of_n=3))
     assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == (outs[2], outs[1])
     # And when the first best_of_n are tied, the record is dropped even if later ones differ.
-    pair, stats = one(record([1.0, 1.0, 0.0, 2.0]), PairFilter(best_of_n=2))
+    pair, stats = one(record([1.0, 1.0, 0.0, 2.0]), pair_filter(best_of_n=2))
     assert pair is None and stats.dropped["scores_tied"] == 1
 
 
 def test_zero_threshold_never_pairs_an_answer_with_itself():
-    pair, stats = one(record([1.0, 1.0]), PairFilter(std_threshold=0.0))
+    pair, stats = one(record([1.0, 1.0]), pair_filter(std_threshold=0.0))
     assert pair is None and stats.dropped["scores_tied"] == 1
 
 
 def test_shuffle_is_random_seed_42_and_max_pairs_cuts_after_it():
     recs = [record([0.0, float(1 + i % 3) / 2], gid=i) for i in range(30)]
-    pairs, _ = make_pairs(recs, PairFilter())
+    pairs, _ = make_pairs(recs, pair_filter())
     in_order = [r["group_id"] for r in recs]
     random.seed(42)  # the paper: random.seed(42); random.shuffle(pairs)
     random.shuffle(in_order)
     assert [p["group_id"] for p in pairs] == in_order
-    capped, stats = make_pairs(recs, PairFilter(max_pairs=5))
+    capped, stats = make_pairs(recs, pair_filter(max_pairs=5))
     assert [p["group_id"] for p in capped] == in_order[:5]
     assert (stats.pairs, stats.pairs_before_cap) == (5, 30)
 
@@ -189,7 +194,7 @@ def test_statistics():
         record([1.0, 1.0], 2),  # tied
         record([], 3, rubric_valid=False),
     ]
-    _, stats = make_pairs(recs, PairFilter())
+    _, stats = make_pairs(recs, pair_filter())
     d = stats.to_dict()
     assert d["records"] == 4 and d["pairs"] == 2
     assert d["dropped"] == {
@@ -243,7 +248,7 @@ def test_parity_with_the_papers_code_on_random_records():
             answers.append(answer(score, " ".join(["w"] * rng.randint(1, 260)) + f" #{rng.random()}"))
         recs.append(record(answers, gid, proposer_valid=rng.random() > 0.05, rubric_valid=rng.random() > 0.1))
     expected = _paper_filter_and_pair(recs)
-    got, stats = make_pairs(recs, PairFilter(length_words="space"))
+    got, stats = make_pairs(recs, pair_filter(length_words="space"))
     assert len(expected) > 50  # the random records exercise every branch
     assert [(p["group_id"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in got] == [
         (p["gid"], p["chosen"], p["rejected"]) for p in expected
@@ -258,7 +263,7 @@ def test_read_and_write(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps(record([0.0, 2.0])) + "\n\n" + json.dumps(record([1.0, 1.0], 1)) + "\n")
     recs = read_records(path)
-    pairs, stats = make_pairs(recs, PairFilter())
+    pairs, stats = make_pairs(recs, pair_filter())
     out = tmp_path / "sub" / "pairs.jsonl"
     stats_path = write_pairs(out, pairs, stats)
     assert [json.loads(line) for line in out.read_text().splitlines()] == pairs
@@ -268,6 +273,6 @@ def test_read_and_write(tmp_path):
     path.write_text('{"group_id": 1}\n')
     with pytest.raises(PairsInputError, match="not a self-play record"):
         read_records(path)
-    path.write_text("{oops\n")
-    with pytest.raises(PairsInputError, match="not valid JSON"):
+    path.write_text("\n{oops\n")
+    with pytest.raises(PairsInputError, match=r"records.jsonl:2: not valid JSON"):
         read_records(path)

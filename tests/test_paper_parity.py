@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pop_nemo.cli import main as cli_main
-from pop_nemo.config import ConfigError, load_config
+from pop_nemo.config import ConfigError, OfflineConfig, load_config
 from pop_nemo.rl.pairs import PairFilter, make_pairs
 from pop_nemo.selfplay.roles import parse_evaluation, parse_rubric
 from pop_nemo.selfplay.rubric import RubricError, weighted_score
@@ -359,8 +359,8 @@ def test_pop_nemo_pairs_command_defaults_match_the_paper(tmp_path):
 
 def whitespace_differs(recs: list[dict]) -> bool:
     """The records really tell split() from split(" ") apart (else the CLI test proves nothing)."""
-    ws, _ = make_pairs(recs, PairFilter(length_words="whitespace"))
-    sp, _ = make_pairs(recs, PairFilter(length_words="space"))
+    ws, _ = make_pairs(recs, PairFilter.from_config(OfflineConfig(length_words="whitespace")))
+    sp, _ = make_pairs(recs, PairFilter.from_config(OfflineConfig(length_words="space")))
     return [p["group_id"] for p in ws] != [p["group_id"] for p in sp]
 
 

@@ -103,26 +103,29 @@ def wrapped(tag: str) -> st.SearchStrategy[str]:
 RUBRIC = [Criterion("Dose", "500 mg", "states the dose", 2.0), Criterion("Safety", "n/a", "warns", 1.0)]
 
 
+def _valid_criteria(got: list[Criterion]) -> bool:
+    return all(math.isfinite(c.weight) and c.weight > 0 and isinstance(c.name, str) for c in got)
+
+
+def _valid_ratings(got: list) -> bool:
+    return all(not math.isnan(r.rating) for r in got)
+
+
+@pytest.mark.parametrize(
+    "tag, parse, valid",
+    [("rubric", roles.parse_rubric, _valid_criteria), ("evaluation", roles.parse_evaluation, _valid_ratings)],
+)
 @SETTINGS
-@given(wrapped("rubric"), st.booleans())
-def test_parse_rubric_returns_criteria_or_rubric_error(text, paper):
+@given(data=st.data(), paper=st.booleans())
+def test_tagged_json_parsers_return_a_value_or_rubric_error(tag, parse, valid, data, paper):
+    """``parse_rubric`` gives valid criteria, ``parse_evaluation`` ratings that are numbers, or a RubricError with its reason."""
+    text = data.draw(wrapped(tag), label="text")
     try:
-        got = roles.parse_rubric(text, paper)
+        got = parse(text, paper)
     except RubricError as e:
         assert str(e)
         return
-    assert got and all(math.isfinite(c.weight) and c.weight > 0 and isinstance(c.name, str) for c in got)
-
-
-@SETTINGS
-@given(wrapped("evaluation"), st.booleans())
-def test_parse_evaluation_returns_ratings_or_rubric_error(text, paper):
-    try:
-        got = roles.parse_evaluation(text, paper)
-    except RubricError as e:
-        assert str(e)
-        return
-    assert got and all(not math.isnan(r.rating) for r in got)
+    assert got and valid(got)
 
 
 @SETTINGS

@@ -12,15 +12,9 @@ from pop_nemo.policies.base import TokenBatch, token_logprobs, warmup_cosine
 from pop_nemo.policies.hf import HFPolicy
 from pop_nemo.rl.losses import LossConfig, normalizer, policy_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 61
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(seed: int = 0):

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli as _run_cli
+from tests.outputs_contract import METRIC_KEYS
 from tests.test_eval_e2e import ensure_run
 
 
@@ -22,28 +23,10 @@ def run_cli(*args, **kw):
     return _run_cli(*args, env={"COLUMNS": "1000"}, **kw)
 
 
-# The list: reward mean/std, validity per role, KL, loss, lengths, tokens/s, stage seconds,
-# judge failure counts; plus the in-loop evaluation.
-REQUIRED = [
-    "reward_mean",
-    "reward_std",
-    "proposer_valid_rate",
-    "rubric_valid_rate",
-    "solver_format_valid_rate",
-    "judge_valid_rate",
-    "kl",
-    "loss",
-    "response_len_mean",
-    "tokens_per_s",
-    "time_propose",
-    "time_solve",
-    "time_rubric",
-    "time_judge",
-    "time_train",
-    "time_step",
-    "judge_failures",
-    "judge_timeouts",
-]
+# The list: reward mean/std, validity per role, KL, loss, lengths, tokens/s, stage seconds
+# (every metric of the outputs contract but the step and the degenerate-group rate), judge failure
+# counts; plus the in-loop evaluation.
+REQUIRED = [k for k in METRIC_KEYS if k not in ("step", "degenerate_group_rate")] + ["judge_failures", "judge_timeouts"]
 
 
 class Page(HTMLParser):
@@ -174,7 +157,7 @@ def hand_run(tmp_path: Path) -> Path:
 
 
 def test_report_of_an_offline_run_shows_pairs_and_other_metrics(tmp_path):
-    from pop_nemo.eval.report import build_report
+    from pop_nemo.run_report import build_report
 
     run = hand_run(tmp_path)
     page = parse(build_report(run, tmp_path / "out"))
@@ -193,7 +176,7 @@ def test_report_of_an_offline_run_shows_pairs_and_other_metrics(tmp_path):
 
 
 def test_report_includes_evaluations_and_their_paired_comparison(tmp_path):
-    from pop_nemo.eval.report import build_report
+    from pop_nemo.run_report import build_report
 
     est = {"mean": 0.6, "low": 0.4, "high": 0.8, "n": 5}
     mode = {"reward": est, "format_valid_rate": est, "length_tokens": {**est, "mean": 31.0}, "judge_failures": 1}

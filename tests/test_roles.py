@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pop_nemo.config import GuideConfig
 from pop_nemo.selfplay.roles import (
     TASKS,
     GuideLimits,
@@ -213,9 +214,26 @@ def test_get_task_known_and_unknown():
         get_task("chess")
 
 
+def test_a_task_owns_its_mini_corpus_domains():
+    """Without ``corpus.domains``, a task trains on its own documents of the bundled corpus; an
+    explicit list, or another source, is taken as given."""
+    from pop_nemo.build import corpus_domains
+    from pop_nemo.config import load_config
+    from pop_nemo.corpus import Corpus
+
+    want = {"health_care": ["health"], "creative_writing": ["books"], "instruction_following": ["web"]}
+    for name, domains in want.items():
+        assert corpus_domains(load_config(None, [f"task={name}"])) == domains
+        assert len(Corpus(domains=domains)) > 0
+    assert corpus_domains(load_config(None, ["task=health_care", "corpus.domains=[web]"])) == ["web"]
+    assert corpus_domains(load_config(None, ["corpus.source=x.jsonl"])) is None
+
+
 # ---------------------------------------------------------------- xgrammar guides
 
-LIM = GuideLimits(problem_chars=40, reference_chars=30, name_chars=16, gold_chars=20, description_chars=30)
+LIM = GuideLimits.from_section(
+    GuideConfig(problem_chars=40, reference_chars=30, name_chars=16, gold_chars=20, description_chars=30)
+)
 
 
 @pytest.fixture(scope="module")

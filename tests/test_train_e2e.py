@@ -15,29 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, TINY, run_cli
+from tests.outputs_contract import METRIC_KEYS, TIMING_KEYS
 
 pytestmark = pytest.mark.slow
 
-METRIC_KEYS = {
-    "step",
-    "reward_mean",
-    "reward_std",
-    "solver_format_valid_rate",
-    "proposer_valid_rate",
-    "rubric_valid_rate",
-    "judge_valid_rate",
-    "degenerate_group_rate",
-    "kl",
-    "loss",
-    "response_len_mean",
-    "tokens_per_s",
-    "time_propose",
-    "time_solve",
-    "time_rubric",
-    "time_judge",
-    "time_train",
-    "time_step",
-}
 # Weight decay makes every step move the weights, even when all groups are degenerate (a 135M
 # judge often gives equal scores), so the weight comparison below can fail.
 OVERRIDES = ["policy.weight_decay=0.1"]
@@ -45,18 +26,6 @@ OVERRIDES = ["policy.weight_decay=0.1"]
 
 def _train_args(out: Path, *extra: str) -> list[str]:
     return ["train", "--config", str(TINY), "--output-dir", str(out), *OVERRIDES, *extra]
-
-
-VOLATILE = {
-    "time_propose",
-    "time_solve",
-    "time_rubric",
-    "time_judge",
-    "time_train",
-    "time_step",
-    "tokens_per_s",
-    "train_tokens_per_s",
-}
 
 
 def _lines(path: Path) -> list[dict]:
@@ -82,7 +51,7 @@ def test_outputs_contract(uninterrupted: Path):
     metrics = _lines(uninterrupted / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
-        assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
+        assert set(METRIC_KEYS) <= set(m), set(METRIC_KEYS) - set(m)
         # Guided roles always parse (their grammars fit in max_new_tokens).
         assert m["proposer_valid_rate"] == 1.0
         assert m["rubric_valid_rate"] == 1.0
@@ -130,7 +99,7 @@ def test_kill9_during_step2_then_resume_matches_uninterrupted(uninterrupted: Pat
     assert "resumed from" in resumed.stderr
 
     assert _lines(out / "records.jsonl") == _lines(uninterrupted / "records.jsonl")
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in VOLATILE and not k.startswith("time_")} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING_KEYS and not k.startswith("time_")} for m in ms]  # noqa: E731
     assert strip(_lines(out / "metrics.jsonl")) == strip(_lines(uninterrupted / "metrics.jsonl"))
     wa, wb = _weights(uninterrupted, 2), _weights(out, 2)
     assert wa.keys() == wb.keys()

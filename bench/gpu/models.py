@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 # The folder pop_nemo.models converts the bundled GGUF into, under POP_NEMO_CACHE. write_random
@@ -42,6 +41,8 @@ def write_random(template: Path, cache: Path, shape: str, seed: int = 0) -> Path
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pop_nemo.checkpoint import atomic_dir
+
     missing = [f for f in ("config.json", *TOKENIZER_FILES) if not (template / f).is_file()]
     if missing:
         raise SystemExit(f"{template} lacks {missing}: run `bash scripts/gpu_check.sh prepare` first")
@@ -51,18 +52,11 @@ def write_random(template: Path, cache: Path, shape: str, seed: int = 0) -> Path
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     out = cache / BUNDLED_DIR
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".random-", dir=cache))
-    try:
+    with atomic_dir(out, ".random-") as tmp:
         model.save_pretrained(tmp)
         for f in TOKENIZER_FILES:
             shutil.copy(template / f, tmp / f)
         (tmp / ".complete").write_text(json.dumps({"source": f"random weights, shape {shape}, seed {seed}"}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -23,29 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# The outputs contract (README "Outputs"): keys of every metrics.jsonl row and records.jsonl line.
-METRIC_KEYS = (
-    "step",
-    "reward_mean",
-    "reward_std",
-    "solver_format_valid_rate",
-    "proposer_valid_rate",
-    "rubric_valid_rate",
-    "judge_valid_rate",
-    "degenerate_group_rate",
-    "kl",
-    "loss",
-    "response_len_mean",
-    "tokens_per_s",
-    "time_propose",
-    "time_solve",
-    "time_rubric",
-    "time_judge",
-    "time_train",
-    "time_step",
-)
-RECORD_KEYS = ("step", "group_id", "doc_id", "document", "problem", "reference", "answers")
-ANSWER_KEYS = ("output", "answer", "format_valid", "num_tokens", "finish_reason", "judge_valid", "score", "reward")
+from pop_nemo.run_output import read_jsonl  # noqa: E402
+from tests.outputs_contract import ANSWER_KEYS, METRIC_KEYS, RECORD_KEYS  # noqa: E402
 
 
 def module_devices(obj) -> list[str]:
@@ -110,7 +89,7 @@ def contract_problems(metrics: list[dict], records: list[dict], steps: int, docs
 
 
 def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 def main() -> int:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from pop_nemo.errors import UserError
-    from pop_nemo.eval.report import ReportError, build_report
     from pop_nemo.run_output import console
+    from pop_nemo.run_report import ReportError, build_report
 
     try:
         path = build_report(

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pop_nemo.serving import BATCH_BUCKETS, LATENCY_BUCKETS, RequestMetrics
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class CriticMetrics:
@@ -53,6 +51,3 @@ class CriticMetrics:
             ("pop_critic_engine_busy", "1 while the engine runs a batch.", busy),
         ):
             Gauge(name, doc, registry=r).set_function(fn)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

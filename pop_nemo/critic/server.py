@@ -27,11 +27,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 from pop_nemo import serving
 from pop_nemo.critic.base import Critic, JudgeItem, Judgement, RubricItem, RubricResult
-from pop_nemo.critic.metrics import CONTENT_TYPE, CriticMetrics
+from pop_nemo.critic.metrics import CriticMetrics
 from pop_nemo.critic.schema import (
     TIMEOUT_HEADER,
     TOKEN_ENV,
@@ -323,18 +323,7 @@ def create_app(service: CriticService, token: str | None = None) -> FastAPI:
         body = Health(status=service.state, detail=service.load_error, model=service.info.get("model"))
         return _json_response(503, body.model_dump(), retry_after)
 
-    @app.get("/metrics", response_class=Response)
-    async def metrics() -> Response:
-        """Prometheus text format."""
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    app.add_middleware(
-        serving.Guard,
-        token=token,
-        max_body=int(service.cfg.max_body_mb * 1024 * 1024),
-        metrics=service.metrics.http,
-        known_paths=_KNOWN_PATHS,
-    )
+    serving.guard_and_metrics(app, token, service.cfg.max_body_mb, service.metrics, _KNOWN_PATHS)
     return app
 
 

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from pop_nemo import serving
@@ -288,20 +288,15 @@ def _logprobs_content(comp: Completion, tokenizer) -> dict[str, Any]:
 
 def create_app(service: OpenAIService, token: str | None = None) -> FastAPI:
     app = FastAPI(title="pop_nemo OpenAI-compatible server", lifespan=serving.lifespan(service.start, service.stop))
-    app.add_middleware(
-        serving.Guard,
-        token=token,
-        max_body=int(service.cfg.max_body_mb * 1024 * 1024),
-        metrics=service.metrics.http,
-        known_paths=_KNOWN_PATHS,
+    serving.guard_and_metrics(
+        app,
+        token,
+        service.cfg.max_body_mb,
+        service.metrics,
+        _KNOWN_PATHS,
         auth_prefix="/v1/",  # /healthz and /metrics stay open, as probes expect
         error_body=_error_body,
     )
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus text format."""
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pop_nemo.checkpoint import atomic_dir
 from pop_nemo.engines.base import Completion, Guide, Request, Sampling
 from pop_nemo.engines.grammar import JSON_SEPARATORS
 
@@ -196,9 +197,7 @@ def write_hf_folder(weights: Mapping[str, Any], base_model: str, out: Path) -> P
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".refit-", dir=out.parent))
-    try:
+    with atomic_dir(out, ".refit-") as tmp:
         for f in Path(base_model).iterdir():
             if (
                 f.is_file()
@@ -207,11 +206,6 @@ def write_hf_folder(weights: Mapping[str, Any], base_model: str, out: Path) -> P
             ):
                 shutil.copy2(f, tmp / f.name)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

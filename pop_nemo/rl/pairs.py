@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pop_nemo.config import ConfigError
+from pop_nemo.jsonl import read_lines
 from pop_nemo.selfplay.roles import get_task
 
 DROP_REASONS = ("proposer_invalid", "rubric_invalid", "no_scored_answer", "scores_tied", "length_diff")
@@ -41,17 +42,19 @@ class PairsInputError(ConfigError):
 
 @dataclass(frozen=True)
 class PairFilter:
-    best_of_n: int = 32
-    std_threshold: float = 0.001
-    max_length_diff_words: int = 100
-    length_words: Literal["whitespace", "space"] = "space"  # the paper's split(" ")
-    shuffle_seed: int = 42
-    max_pairs: int = 100000
+    """The filter and pairing settings. No defaults here: the ``offline`` config section declares
+    them (with their bounds) once, and :meth:`from_config` reads them field by field."""
+
+    best_of_n: int
+    std_threshold: float
+    max_length_diff_words: int
+    length_words: Literal["whitespace", "space"]  # 'space': the paper's split(" ")
+    shuffle_seed: int
+    max_pairs: int
 
     @classmethod
     def from_config(cls, off: Any) -> PairFilter:
-        """The filter the ``offline`` config section sets: every field here is one of its fields
-        under the same name, so each setting is declared once (in the config) and read here."""
+        """The filter an ``offline`` section sets (every field here is one of its fields, same name)."""
         return cls(**{f.name: getattr(off, f.name) for f in fields(cls)})
 
     def words(self, text: str) -> int:
@@ -176,18 +179,11 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             f"--input {str(path)!r} does not exist (it is DIR/records.jsonl of `pop-nemo synthesize`)"
         )
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairsInputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in ("proposer_valid", "rubric_valid", "answers", "problem") if k not in rec]
-            if missing:
-                raise PairsInputError(f"{path}:{n}: not a self-play record (missing {', '.join(missing)})")
-            records.append(rec)
+    for n, rec in read_lines(path, PairsInputError):
+        missing = [k for k in ("proposer_valid", "rubric_valid", "answers", "problem") if k not in rec]
+        if missing:
+            raise PairsInputError(f"{path}:{n}: not a self-play record (missing {', '.join(missing)})")
+        records.append(rec)
     return records
 
 

@@ -79,6 +79,7 @@ class Task:
     doc_tag: str  # how the document is shown to the proposer
     solver_system: str
     writing: bool  # writing tasks show fewer, word-capped answers to the rubric writer
+    domains: tuple[str, ...]  # the bundled mini corpus's documents for this task (``corpus.domains`` unset)
 
     def proposer_messages(self, document: str) -> list[Message]:
         kind = "creative writing task" if self.writing else "problem"
@@ -93,10 +94,14 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "health_care": Task("health_care", _HEALTH_PROPOSER, "knowledge", _HEALTH_SOLVER, writing=False),
-    "creative_writing": Task("creative_writing", _WRITING_PROPOSER, "text_sample", _GENERAL_SOLVER, writing=True),
+    "health_care": Task(
+        "health_care", _HEALTH_PROPOSER, "knowledge", _HEALTH_SOLVER, writing=False, domains=("health",)
+    ),
+    "creative_writing": Task(
+        "creative_writing", _WRITING_PROPOSER, "text_sample", _GENERAL_SOLVER, writing=True, domains=("books",)
+    ),
     "instruction_following": Task(
-        "instruction_following", _GENERAL_PROPOSER, "knowledge", _GENERAL_SOLVER, writing=False
+        "instruction_following", _GENERAL_PROPOSER, "knowledge", _GENERAL_SOLVER, writing=False, domains=("web",)
     ),
 }
 
@@ -210,21 +215,22 @@ def judge_messages(problem: str, criteria: list[Criterion], answer: str) -> list
 @dataclass(frozen=True)
 class GuideLimits:
     """Character bounds of guided fields: a guided output always finishes within
-    ``max_new_tokens`` when that is at least the sum of its bounds."""
+    ``max_new_tokens`` when that is at least the sum of its bounds. The bounds have no defaults
+    here: ``rollout.guide`` declares them (with their limits) once, :meth:`from_section` reads them."""
 
-    problem_chars: int = 400
-    reference_chars: int = 400
-    name_chars: int = 48
-    gold_chars: int = 120
-    description_chars: int = 240
-    thoughts_chars: int = 160
-    max_weight: int = 10
-    max_criteria: int = MAX_CRITERIA
+    problem_chars: int
+    reference_chars: int
+    name_chars: int
+    gold_chars: int
+    description_chars: int
+    thoughts_chars: int
+    max_criteria: int
+    max_weight: int = 10  # the weight bound of the rubric guide: not a setting
 
     @classmethod
     def from_section(cls, section: Any) -> GuideLimits:
-        """The limits a config section (``rollout.guide``) sets, field by field under the same names,
-        so each bound is declared once (in the config); one the section lacks keeps its default here."""
+        """The limits a ``rollout.guide`` section sets, field by field under the same names (all but
+        ``max_weight``, which keeps its value here)."""
         return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
 
     def rubric_chars(self) -> int:

@@ -58,7 +58,8 @@ MEGATRON = ["policy.backend=megatron", "megatron.pipeline_model_parallel_size=2"
 # kl and loss). Before the HF policy gave the pad token (= <|im_end|>, in every prompt) its embedding
 # gradient, step 1's grad norm differed by 4e-4.
 REL = 2e-4
-VOLATILE = ("time_", "tokens_per_s", "train_tokens_per_s")  # wall-clock measurements
+# Wall-clock measurements, and the per-rank token counts only a run of several ranks reports.
+VOLATILE = ("time_", "tokens_per_s", "train_tokens_per_s", "generated_tokens_rank_")
 
 
 def _lines(path: Path) -> list[dict]:
@@ -107,6 +108,8 @@ def test_step_1_matches_the_hf_backend(runs):
     assert hf["degenerate_group_rate"] == 0.0 and hf["grad_norm"] > 1.0, "step 1 must train (see COMMON)"
     assert_metrics_rows_match(mg, hf, REL, volatile=VOLATILE)
     assert _lines(runs["mg"] / "records.jsonl")[0] == _lines(runs["hf"] / "records.jsonl")[0]
+    # One document per step: rank 0 plays it, rank 1's share of the self-play is empty.
+    assert (mg["generated_tokens_rank_0"], mg["generated_tokens_rank_1"]) == (hf["generated_tokens"], 0)
 
 
 def test_rerun_resumes_and_adds_exactly_the_new_step(runs):

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.processes import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -193,13 +194,7 @@ class Cluster:
                     break
                 time.sleep(0.2)
         for p in reversed(self.procs):  # slurmd n2, n1, then slurmctld
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
+            stop(p, 10)
         for pid in _lab_pids(self.conf):  # anything of this cluster still alive (job steps)
             try:
                 os.kill(pid, signal.SIGKILL)
