@@ -5,9 +5,12 @@ does) and an in-process critic, takes the step's documents, plays its contiguous
 groups (``pop_nemo.distributed.shard``) and gathers the shares, exactly as ``pop-nemo train`` does
 with several ranks; there is no policy update. Reported per rank count: the self-play seconds
 (the slowest rank's, what a step waits for), the tokens each rank generated, and whether the
-gathered records equal the 1-rank run's. Threads are split so both sides use the same cores.
+gathered records equal the 1-rank run's. By default the threads are split so every rank count
+uses the same cores; ``--threads-per-rank`` gives each rank its own (hardware that grows with
+the ranks, as a GPU per rank does).
 
     .venv/bin/python bench/selfplay_ranks.py --docs 4 --ranks 1 2
+    .venv/bin/python bench/selfplay_ranks.py --docs 4 --ranks 1 2 --threads-per-rank 1
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(ranks: int, args: argparse.Namespace, out: Path) -> dict:
+    threads = args.threads_per_rank or max(1, args.cores // ranks)
     cmd = [
         sys.executable,
         "-m",
@@ -83,10 +87,10 @@ def run(ranks: int, args: argparse.Namespace, out: Path) -> dict:
         "--answers",
         str(args.answers),
         "--threads",
-        str(max(1, args.cores // ranks)),
+        str(threads),
         *args.overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.cores // ranks)), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -98,6 +102,11 @@ def main() -> None:
     ap.add_argument("--answers", type=int, default=4, help="rollout.n")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads in all, split over the ranks")
+    ap.add_argument(
+        "--threads-per-rank",
+        type=int,
+        help="every rank gets this many threads instead (hardware grows with the ranks, as GPUs do)",
+    )
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -120,7 +129,12 @@ def main() -> None:
     base = results[0]
     for r in results[1:]:
         print(f"speed-up {args.ranks[0]} → {r['ranks']} ranks: {base['selfplay_s'] / r['selfplay_s']:.2f}x")
-    summary = {"machine": platform.processor() or platform.machine(), "cores": args.cores, "results": results}
+    summary = {
+        "machine": platform.processor() or platform.machine(),
+        "cores": args.cores,
+        "threads_per_rank": args.threads_per_rank,
+        "results": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 
