@@ -21,14 +21,13 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from pop_nemo.distributed import free_port
+from pop_nemo.launch import torchrun_command
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -68,28 +67,9 @@ def worker(args: argparse.Namespace) -> None:
 
 def run(ranks: int, args: argparse.Namespace, out: Path) -> dict:
     threads = args.threads_per_rank or max(1, args.cores // ranks)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(ranks),
-        "--master-port",
-        str(free_port()),
-        __file__,
-        "--worker",
-        "--out",
-        str(out),
-        "--config",
-        args.config,
-        "--docs",
-        str(args.docs),
-        "--answers",
-        str(args.answers),
-        "--threads",
-        str(threads),
-        *args.overrides,
-    ]
+    worker = [__file__, "--worker", "--out", str(out), "--config", args.config, "--docs", str(args.docs)]
+    worker += ["--answers", str(args.answers), "--threads", str(threads), *args.overrides]
+    cmd = torchrun_command(ranks, worker)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())

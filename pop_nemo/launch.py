@@ -24,8 +24,9 @@ import sys
 from pop_nemo.distributed import discover_env, free_port, rank, world_size
 
 
-def torchrun_command(nproc: int, module_args: list[str], port: int | None = None) -> list[str]:
-    """``python -m torch.distributed.run`` for ``python -m pop_nemo.cli <module_args>`` on this node."""
+def torchrun_command(nproc: int, target: list[str], port: int | None = None) -> list[str]:
+    """``python -m torch.distributed.run`` on this node (loopback, a free port) for ``target``:
+    ``["-m", "pop_nemo.cli", *argv]``, or a script and its arguments."""
     return [
         sys.executable,
         "-m",
@@ -38,9 +39,7 @@ def torchrun_command(nproc: int, module_args: list[str], port: int | None = None
         "127.0.0.1",
         "--master-port",
         str(port or free_port()),
-        "-m",
-        "pop_nemo.cli",
-        *module_args,
+        *target,
     ]
 
 
@@ -65,7 +64,7 @@ def relaunch(args) -> int:
 
     cfg = load_config(args.config, list(args.overrides))  # a bad field fails here once, not on every rank
     check_policy_backend(cfg, ranks=args.nproc)
-    return subprocess.call(torchrun_command(args.nproc, command_argv(args)))
+    return subprocess.call(torchrun_command(args.nproc, ["-m", "pop_nemo.cli", *command_argv(args)]))
 
 
 def rank_overrides(output_dir: str) -> list[str]:

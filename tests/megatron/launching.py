@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from pop_nemo.launch import torchrun_command
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -28,37 +28,11 @@ def megatron_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("megatron.core", "megatron.bridge", "triton"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_worker(nproc: int, layouts: str, work: Path, tiny: Path, smol: str | None, audit: bool):
     work.mkdir(parents=True, exist_ok=True)
     out = work / "result.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(WORKER),
-        "--out",
-        str(out),
-        "--work",
-        str(work),
-        "--tiny",
-        str(tiny),
-        "--layouts",
-        layouts,
-    ]
+    args = [str(WORKER), "--out", str(out), "--work", str(work), "--tiny", str(tiny), "--layouts", layouts]
+    cmd = torchrun_command(nproc, args)
     if smol:
         cmd += ["--smol", smol]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

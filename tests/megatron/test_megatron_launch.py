@@ -61,10 +61,11 @@ def test_command_argv_drops_nproc_and_keeps_everything_else():
         "--resume",
         "trainer.max_steps=3",
     ]
-    cmd = launch.torchrun_command(8, argv, port=29999)
+    cmd = launch.torchrun_command(8, ["-m", "pop_nemo.cli", *argv], port=29999)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nnodes"]
     assert "--nproc-per-node" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "8"
-    assert cmd[-len(argv) :] == argv
+    assert cmd[cmd.index("--master-port") + 1] == "29999"
+    assert cmd[-len(argv) - 2 :] == ["-m", "pop_nemo.cli", *argv]
     dpo = argparse.Namespace(
         command="dpo", config="c.yaml", pairs="p.jsonl", output_dir=None, resume=False, fresh=True, overrides=[]
     )
