@@ -10,9 +10,10 @@
 Every rank runs the same loop (online, or DPO) with the same seed. Online, each rank plays its
 share of a step's documents and the ranks all-gather the groups (``pop_nemo.rl.rollout_share``);
 :class:`pop_nemo.policies.megatron.MegatronPolicy` then takes rank 0's batch (broadcast), so ranks
-cannot train on different data, and it writes checkpoints into rank 0's folder. Outputs (metrics, records, checkpoint state) are rank 0's; other ranks write
-theirs under ``<output_dir>/ranks/rank_<r>/`` where they are never read by a user, and print
-nothing to the console (:func:`rank_config`).
+cannot train on different data, and it writes checkpoints into rank 0's folder. Outputs (metrics,
+records, checkpoint state) are rank 0's; other ranks write theirs under
+``<output_dir>/ranks/rank_<r>/`` where they are never read by a user, and print nothing to the
+console (:func:`rank_config`).
 """
 
 from __future__ import annotations
