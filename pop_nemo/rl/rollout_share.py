@@ -55,6 +55,8 @@ def merge_critic_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 
     Items, failures and requests add up; a replica's latency is the mean over all ranks' requests
     to it; ``critic_replicas_up`` is the fewest any rank saw (a replica one rank lost is down)."""
+    if len(per_rank) == 1:  # one rank's numbers pass through as they are (no latency × n / n round trip)
+        return dict(per_rank[0])
     out: dict[str, Any] = {}
     for m in per_rank:
         for k, v in m.items():
